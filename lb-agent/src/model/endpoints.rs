@@ -1,0 +1,191 @@
+//! A Service's endpoints, from its EndpointSlices, and kube-proxy's rule for which to use.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{Backend, ObjectRef, Problem, Protocol, service::PortFrontends, service::valid_port};
+
+/// The API server's limit on endpoints per slice; a larger slice is malformed.
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
+
+/// The usable content of a Service's slices, in slice-name order.
+pub(super) struct ServiceEndpoints {
+    slices: Vec<Slice>,
+}
+
+struct Slice {
+    ipv6: bool,
+    ports: Vec<SlicePort>,
+    endpoints: Vec<Endpoint>,
+}
+
+struct SlicePort {
+    name: String,
+    protocol: Protocol,
+    port: u16,
+}
+
+#[derive(Clone, Copy)]
+struct Endpoint {
+    address: IpAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+impl ServiceEndpoints {
+    /// Validates the slices (given in slice-name order), keeping what can be used.
+    pub(super) fn collect(slices: &[&EndpointSlice], problems: &mut Vec<Problem>) -> Self {
+        let slices = slices
+            .iter()
+            .filter_map(|slice| Slice::parse(slice, problems))
+            .collect();
+        Self { slices }
+    }
+
+    /// The backends for one frontend of `port`: endpoints of the frontend's IP family, at the
+    /// target port their slice gives for the Service port's name and protocol.
+    ///
+    /// Ready endpoints when there are any; otherwise the serving and terminating ones, so that
+    /// connections still succeed while a rollout replaces the last Pods (kube-proxy does the same).
+    pub(super) fn backends_for(&self, port: &PortFrontends, frontend: IpAddr) -> BTreeSet<Backend> {
+        // First listing wins, in slice-name order, like kube-proxy's de-duplication.
+        let mut candidates: BTreeMap<Backend, Endpoint> = BTreeMap::new();
+        for slice in self.slices.iter().filter(|s| s.ipv6 == frontend.is_ipv6()) {
+            let Some(slice_port) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
+                continue;
+            };
+            for endpoint in &slice.endpoints {
+                let backend = Backend {
+                    address: endpoint.address,
+                    port: slice_port.port,
+                };
+                candidates.entry(backend).or_insert(*endpoint);
+            }
+        }
+
+        let ready: BTreeSet<Backend> = candidates
+            .iter()
+            .filter(|(_, e)| e.ready)
+            .map(|(b, _)| *b)
+            .collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        candidates
+            .iter()
+            .filter(|(_, e)| e.serving && e.terminating)
+            .map(|(b, _)| *b)
+            .collect()
+    }
+}
+
+impl Slice {
+    fn parse(slice: &EndpointSlice, problems: &mut Vec<Problem>) -> Option<Self> {
+        let object = ObjectRef::endpoint_slice(slice);
+        let mut problem = |field: String, message: String| {
+            problems.push(Problem::new(object.clone(), field, message));
+        };
+
+        let ipv6 = match slice.address_type.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            "FQDN" => return None, // not proxied, as in kube-proxy
+            other => {
+                problem(
+                    "addressType".into(),
+                    format!("{other:?} is not an address type; expected IPv4, IPv6 or FQDN"),
+                );
+                return None;
+            }
+        };
+        let slice_endpoints = slice.endpoints.as_deref().unwrap_or_default();
+        if slice_endpoints.len() > MAX_ENDPOINTS_PER_SLICE {
+            problem(
+                "endpoints".into(),
+                format!(
+                    "{} endpoints; a slice holds at most {MAX_ENDPOINTS_PER_SLICE}",
+                    slice_endpoints.len()
+                ),
+            );
+            return None;
+        }
+
+        let mut ports = Vec::new();
+        for (i, port) in slice.ports.iter().flatten().enumerate() {
+            let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
+                problem(
+                    format!("ports[{i}].protocol"),
+                    format!(
+                        "{:?} is not a protocol; expected TCP, UDP or SCTP",
+                        port.protocol.as_deref().unwrap_or_default()
+                    ),
+                );
+                continue;
+            };
+            // A port without a number means "all ports", which a ClusterIP cannot proxy.
+            let Some(number) = port.port else { continue };
+            let Some(number) = valid_port(number) else {
+                problem(
+                    format!("ports[{i}].port"),
+                    format!("{number} is not a port number (1-65535)"),
+                );
+                continue;
+            };
+            ports.push(SlicePort {
+                name: port.name.clone().unwrap_or_default(),
+                protocol,
+                port: number,
+            });
+        }
+
+        let mut endpoints = Vec::new();
+        for (i, endpoint) in slice_endpoints.iter().enumerate() {
+            // kube-proxy uses the first address; the others are for other consumers.
+            let Some(text) = endpoint.addresses.first() else {
+                problem(format!("endpoints[{i}].addresses"), "empty".into());
+                continue;
+            };
+            let address = match text.parse::<IpAddr>() {
+                Ok(a) if a.is_ipv6() == ipv6 => a,
+                Ok(_) => {
+                    problem(
+                        format!("endpoints[{i}].addresses[0]"),
+                        format!("{text} does not match addressType {}", slice.address_type),
+                    );
+                    continue;
+                }
+                Err(_) => {
+                    problem(
+                        format!("endpoints[{i}].addresses[0]"),
+                        format!("{text:?} is not an IP address"),
+                    );
+                    continue;
+                }
+            };
+            let conditions = endpoint.conditions.as_ref();
+            // Absent conditions have the API's documented meaning: ready unless said otherwise,
+            // serving like ready, not terminating.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            endpoints.push(Endpoint {
+                address,
+                ready,
+                serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            });
+        }
+        Some(Self {
+            ipv6,
+            ports,
+            endpoints,
+        })
+    }
+}

@@ -1,0 +1,230 @@
+//! The model: Kubernetes Services and EndpointSlices in, frontends and backend sets out.
+//!
+//! Pure: no I/O, no BPF. Every source (manifest files, the Kubernetes API) feeds the same
+//! [`translate`], and the dataplane programs what it returns.
+//!
+//! Rules, after kube-proxy:
+//! - ClusterIP, NodePort and LoadBalancer Services contribute each ClusterIP × each port;
+//!   headless (`clusterIP: None`) and ExternalName Services contribute nothing.
+//! - A Service's endpoints come from the EndpointSlices labelled `kubernetes.io/service-name` in
+//!   its namespace. A Service port takes its target port, per slice, from the slice port of the
+//!   same name and protocol (this is how named targetPorts work), and an endpoint listed by several
+//!   slices counts once.
+//! - An endpoint is used when ready; when none is ready, the serving and terminating ones are.
+
+mod endpoints;
+mod problem;
+mod service;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+pub use problem::{ObjectRef, Problem};
+
+/// Transport protocol of a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses a Kubernetes `protocol` field; absent means TCP.
+    pub fn from_k8s(value: Option<&str>) -> Option<Self> {
+        match value {
+            None | Some("TCP") => Some(Self::Tcp),
+            Some("UDP") => Some(Self::Udp),
+            Some("SCTP") => Some(Self::Sctp),
+            Some(_) => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+
+    /// IANA protocol number, as the datapath sees it.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => lb_common::protocol::TCP,
+            Self::Udp => lb_common::protocol::UDP,
+            Self::Sctp => lb_common::protocol::SCTP,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        [Self::Tcp, Self::Udp, Self::Sctp]
+            .into_iter()
+            .find(|p| p.number() == number)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a client connects to: a ClusterIP, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.address {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// Where a connect goes: a Pod IP and target port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.address {
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.port),
+        }
+    }
+}
+
+/// A Service port, as `kubectl` and kube-proxy name it: `namespace/name:port`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The port's name; empty for a Service's single unnamed port.
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// One frontend's programming: whose it is and where its connects go. An empty backend set means
+/// connects are refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    pub service: ServicePortName,
+    pub backends: BTreeSet<Backend>,
+}
+
+/// Everything the dataplane should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<Frontend, FrontendState>,
+}
+
+/// The result of [`translate`]: the state to program, and what had to be skipped and why.
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub state: DesiredState,
+    pub problems: Vec<Problem>,
+}
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Translates Services and EndpointSlices into frontends and backend sets.
+///
+/// Objects that cannot be used in full are used as far as they can (a bad port skips that port, a
+/// bad endpoint skips that endpoint) and reported in [`Translation::problems`]; nothing about one
+/// Service affects another, except that a frontend claimed by two Services goes to the first in
+/// namespace/name order.
+pub fn translate<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Translation {
+    let mut problems = Vec::new();
+
+    // Slices by (namespace, service name), each group in slice-name order so that de-duplication
+    // across slices is deterministic.
+    let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        let meta = &slice.metadata;
+        let service = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let (Some(namespace), Some(service)) = (meta.namespace.as_deref(), service) {
+            slices_by_service
+                .entry((namespace, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    for group in slices_by_service.values_mut() {
+        group.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+
+    let mut services: Vec<&Service> = services.into_iter().collect();
+    services.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+
+    let mut state = DesiredState::default();
+    for svc in services {
+        let Some(ports) = service::frontends(svc, &mut problems) else {
+            continue;
+        };
+        let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let slices = slices_by_service
+            .get(&(namespace, name))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let endpoints = endpoints::ServiceEndpoints::collect(slices, &mut problems);
+
+        for port in ports {
+            let service = ServicePortName {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port: port.name.clone(),
+            };
+            for &frontend in &port.frontends {
+                if let Some(owner) = state.frontends.get(&frontend) {
+                    problems.push(Problem::new(
+                        ObjectRef::service(svc),
+                        "spec.clusterIP",
+                        format!("frontend {frontend} is already used by Service {}", owner.service),
+                    ));
+                    continue;
+                }
+                state.frontends.insert(
+                    frontend,
+                    FrontendState {
+                        service: service.clone(),
+                        backends: endpoints.backends_for(&port, frontend.address),
+                    },
+                );
+            }
+        }
+    }
+    Translation { state, problems }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,66 @@
+//! Problems: what the model could not use, named by object and field so a person can fix it.
+
+use std::fmt;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// The Kubernetes object a problem is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn service(svc: &Service) -> Self {
+        Self::new("Service", &svc.metadata.namespace, &svc.metadata.name)
+    }
+
+    pub fn endpoint_slice(slice: &EndpointSlice) -> Self {
+        Self::new(
+            "EndpointSlice",
+            &slice.metadata.namespace,
+            &slice.metadata.name,
+        )
+    }
+
+    pub fn new(kind: &'static str, namespace: &Option<String>, name: &Option<String>) -> Self {
+        Self {
+            kind,
+            namespace: namespace.clone().unwrap_or_default(),
+            name: name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// Something in an object the model had to skip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub object: ObjectRef,
+    /// Path of the offending field, as in `kubectl explain` (`spec.ports[1].port`).
+    pub field: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(object: ObjectRef, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            object,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.object, self.field, self.message)
+    }
+}

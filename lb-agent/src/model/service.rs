@@ -1,0 +1,130 @@
+//! A Service's frontends: each ClusterIP × each port.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use k8s_openapi::api::core::v1::Service;
+
+use super::{Frontend, ObjectRef, Problem, Protocol};
+
+/// The frontends of one Service port (one per ClusterIP, so two on a dual-stack Service).
+pub(super) struct PortFrontends {
+    /// The port's name; empty when unnamed.
+    pub name: String,
+    pub protocol: Protocol,
+    pub frontends: Vec<Frontend>,
+}
+
+/// Returns the Service's frontends by port, or `None` when it has none by design (headless,
+/// ExternalName) or cannot be used at all. Skipped parts are added to `problems`.
+pub(super) fn frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<Vec<PortFrontends>> {
+    let object = ObjectRef::service(svc);
+    let mut problem = |field: String, message: String| {
+        problems.push(Problem::new(object.clone(), field, message));
+    };
+
+    if svc.metadata.name.as_deref().unwrap_or_default().is_empty() {
+        problem("metadata.name".into(), "missing".into());
+        return None;
+    }
+    let Some(spec) = &svc.spec else {
+        problem("spec".into(), "missing".into());
+        return None;
+    };
+    match spec.type_.as_deref() {
+        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+        Some("ExternalName") => return None, // resolved by DNS, not by a proxy
+        Some(other) => {
+            problem(
+                "spec.type".into(),
+                format!(
+                    "unknown type {other:?}; expected ClusterIP, NodePort, LoadBalancer or ExternalName"
+                ),
+            );
+            return None;
+        }
+    }
+
+    // clusterIPs (dual-stack) wins over clusterIP, as in the API: its first entry equals clusterIP.
+    let cluster_ips: Vec<(String, &str)> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            .collect(),
+        _ => spec
+            .cluster_ip
+            .as_deref()
+            .map(|ip| vec![("spec.clusterIP".to_owned(), ip)])
+            .unwrap_or_default(),
+    };
+    match cluster_ips.first() {
+        Some((_, "None")) => return None, // headless: clients reach the Pods directly
+        None | Some((_, "")) => {
+            problem(
+                "spec.clusterIP".into(),
+                "not set; give the Service a ClusterIP (manifest files have no IP allocator)"
+                    .into(),
+            );
+            return None;
+        }
+        Some(_) => {}
+    }
+    let mut addresses = Vec::new();
+    for (field, ip) in cluster_ips {
+        match ip.parse::<IpAddr>() {
+            Ok(address) => addresses.push(address),
+            Err(_) => problem(field, format!("{ip:?} is not an IP address")),
+        }
+    }
+
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        problem("spec.ports".into(), "no ports".into());
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
+            problem(
+                format!("spec.ports[{i}].protocol"),
+                format!(
+                    "{:?} is not a protocol; expected TCP, UDP or SCTP",
+                    port.protocol.as_deref().unwrap_or_default()
+                ),
+            );
+            continue;
+        };
+        let Some(number) = valid_port(port.port) else {
+            problem(
+                format!("spec.ports[{i}].port"),
+                format!("{} is not a port number (1-65535)", port.port),
+            );
+            continue;
+        };
+        if !seen.insert((number, protocol)) {
+            problem(
+                format!("spec.ports[{i}]"),
+                format!("port {number}/{protocol} is listed twice"),
+            );
+            continue;
+        }
+        out.push(PortFrontends {
+            name: port.name.clone().unwrap_or_default(),
+            protocol,
+            frontends: addresses
+                .iter()
+                .map(|&address| Frontend {
+                    address,
+                    port: number,
+                    protocol,
+                })
+                .collect(),
+        });
+    }
+    Some(out)
+}
+
+/// A port number as Kubernetes allows it: 1-65535.
+pub(super) fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|&p| p != 0)
+}

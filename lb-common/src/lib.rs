@@ -1,0 +1,209 @@
+//! Map keys and values shared by the eBPF programs (`lb-ebpf`) and the agent (`lb-agent`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so the kernel, the eBPF object and the
+//! agent agree byte for byte and `bpftool map dump` shows every field by name (the maps carry BTF).
+//!
+//! Conventions, chosen so a dump is readable by a person:
+//! - addresses are byte arrays in network order (`[10, 96, 0, 10]`);
+//! - ports are `u16` in host order (`80`); the program converts once per connect.
+//!
+//! The maps (IPv4 today; IPv6 adds `LB6_SERVICES`/`LB6_BACKENDS` with 16-byte addresses and the same
+//! service ids, entries and slot scheme):
+//!
+//! | map            | key                | value            | written by |
+//! |----------------|--------------------|------------------|------------|
+//! | `LB4_SERVICES` | [`Frontend4Key`]   | [`ServiceEntry`] | agent      |
+//! | `LB4_BACKENDS` | [`BackendSlotKey`] | [`Backend4`]     | agent      |
+//! | `LB_SVC_NAMES` | `u32` service id   | [`ServiceName`]  | agent (for `lb-agent list`) |
+//!
+//! A frontend (ClusterIP, port, protocol) maps to a service entry whose `backend_count` slots
+//! `0..backend_count` in `LB4_BACKENDS` are all present; the agent keeps that invariant by writing
+//! slots before raising the count and deleting them after lowering it.
+#![no_std]
+
+/// Capacity of the service (frontend) maps. A frontend is one ClusterIP × port × protocol.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the backend slot map, shared by all frontends.
+pub const MAX_BACKEND_SLOTS: u32 = 524_288;
+/// Largest backend set one frontend may have (the count is a `u16`; kube caps a slice at 1000
+/// endpoints, so this leaves room for many slices).
+pub const MAX_BACKENDS_PER_SERVICE: u16 = 16_384;
+
+/// IANA protocol numbers, as found in `bpf_sock_addr.protocol`.
+pub mod protocol {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}
+
+/// Bits of [`ServiceEntry::flags`]. None are defined yet; session affinity and per-service
+/// counters will take the first ones.
+pub mod service_flags {}
+
+/// Key of `LB4_SERVICES`: a Service frontend (ClusterIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend4Key {
+    /// ClusterIP, network byte order.
+    pub address: [u8; 4],
+    /// Service port, host byte order.
+    pub port: u16,
+    /// [`protocol`] number.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Value of `LB4_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceEntry {
+    /// Stable id of this frontend; keys its backend slots and its name.
+    pub service_id: u32,
+    /// Number of backend slots `0..backend_count` in use. Zero: connects are refused.
+    pub backend_count: u16,
+    /// [`service_flags`] bits.
+    pub flags: u16,
+}
+
+/// Key of `LB4_BACKENDS`: one slot of a frontend's backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Value of `LB4_BACKENDS`: where a connect to the frontend goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend4 {
+    /// Pod IP, network byte order.
+    pub address: [u8; 4],
+    /// Target port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Length of [`ServiceName::namespace`] and [`ServiceName::name`]: Kubernetes caps both at 63
+/// characters, plus a terminating NUL.
+pub const NAME_LEN: usize = 64;
+/// Length of [`ServiceName::port_name`]: an IANA service name is at most 15 characters.
+pub const PORT_NAME_LEN: usize = 16;
+
+/// Value of `LB_SVC_NAMES`: which Service port a frontend belongs to. Only `lb-agent list` and
+/// operators read it; the datapath never does. Strings are UTF-8, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    pub namespace: [u8; NAME_LEN],
+    pub name: [u8; NAME_LEN],
+    pub port_name: [u8; PORT_NAME_LEN],
+}
+
+impl ServiceName {
+    /// Builds a name, truncating each part to fit (Kubernetes validation keeps real names within
+    /// the limits).
+    pub fn new(namespace: &str, name: &str, port_name: &str) -> Self {
+        let mut out = Self {
+            namespace: [0; NAME_LEN],
+            name: [0; NAME_LEN],
+            port_name: [0; PORT_NAME_LEN],
+        };
+        copy_str(&mut out.namespace, namespace);
+        copy_str(&mut out.name, name);
+        copy_str(&mut out.port_name, port_name);
+        out
+    }
+
+    pub fn namespace(&self) -> &str {
+        read_str(&self.namespace)
+    }
+
+    pub fn name(&self) -> &str {
+        read_str(&self.name)
+    }
+
+    pub fn port_name(&self) -> &str {
+        read_str(&self.port_name)
+    }
+}
+
+/// Copies `src` into `dst`, leaving at least one trailing NUL and never splitting a UTF-8 char.
+fn copy_str(dst: &mut [u8], src: &str) {
+    let mut len = src.len().min(dst.len() - 1);
+    while !src.is_char_boundary(len) {
+        len -= 1;
+    }
+    dst[..len].copy_from_slice(&src.as_bytes()[..len]);
+}
+
+fn read_str(bytes: &[u8]) -> &str {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    core::str::from_utf8(&bytes[..len]).unwrap_or("")
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, and have no
+    // implicit padding (checked by the layout tests below).
+    unsafe impl aya::Pod for Frontend4Key {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for ServiceName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    // The eBPF object and the agent are built separately; these pin the layout both sides use, and
+    // that the pinned maps of an earlier version must match.
+    #[test]
+    fn frontend_key_layout() {
+        assert_eq!(size_of::<Frontend4Key>(), 8);
+        assert_eq!(align_of::<Frontend4Key>(), 2);
+        assert_eq!(offset_of!(Frontend4Key, address), 0);
+        assert_eq!(offset_of!(Frontend4Key, port), 4);
+        assert_eq!(offset_of!(Frontend4Key, protocol), 6);
+        assert_eq!(offset_of!(Frontend4Key, _pad), 7);
+    }
+
+    #[test]
+    fn service_entry_layout() {
+        assert_eq!(size_of::<ServiceEntry>(), 8);
+        assert_eq!(offset_of!(ServiceEntry, service_id), 0);
+        assert_eq!(offset_of!(ServiceEntry, backend_count), 4);
+        assert_eq!(offset_of!(ServiceEntry, flags), 6);
+    }
+
+    #[test]
+    fn backend_layout() {
+        assert_eq!(size_of::<BackendSlotKey>(), 8);
+        assert_eq!(offset_of!(BackendSlotKey, slot), 4);
+        assert_eq!(size_of::<Backend4>(), 8);
+        assert_eq!(offset_of!(Backend4, port), 4);
+        assert_eq!(offset_of!(Backend4, _pad), 6);
+    }
+
+    #[test]
+    fn service_name_layout() {
+        assert_eq!(size_of::<ServiceName>(), 2 * NAME_LEN + PORT_NAME_LEN);
+        assert_eq!(offset_of!(ServiceName, name), NAME_LEN);
+        assert_eq!(offset_of!(ServiceName, port_name), 2 * NAME_LEN);
+    }
+
+    #[test]
+    fn service_name_round_trips_and_truncates_on_char_boundary() {
+        let n = ServiceName::new("shop", "web", "http");
+        assert_eq!((n.namespace(), n.name(), n.port_name()), ("shop", "web", "http"));
+
+        // 15 ASCII bytes then a 2-byte char: only the ASCII part fits before the NUL.
+        let n = ServiceName::new("ns", "svc", "aaaaaaaaaaaaaaaé");
+        assert_eq!(n.port_name(), "aaaaaaaaaaaaaaa");
+        assert_eq!(n.port_name[PORT_NAME_LEN - 1], 0);
+    }
+}
