@@ -1,0 +1,329 @@
+//! The BPF objects: loading the programs, pinning maps and the cgroup link under the pin
+//! directory, and reading and writing the maps.
+//!
+//! Pins outlive the agent: while it is stopped or restarting, the attached program keeps
+//! rewriting connects with the maps as last written. A new agent reuses the pinned maps (so
+//! nothing is flushed) and swaps in its own program atomically.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::ErrorKind,
+    mem::size_of,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, MapInfo},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use lb_common::{Backend4, BackendSlotKey, Frontend4Key, ServiceEntry, ServiceName};
+use tracing::{debug, info};
+
+use super::{MapStore, Snapshot, plan::Write};
+
+pub const SERVICES_MAP: &str = "LB4_SERVICES";
+pub const BACKENDS_MAP: &str = "LB4_BACKENDS";
+pub const NAMES_MAP: &str = "LB_SVC_NAMES";
+pub const CONNECT4_PROGRAM: &str = "lb_connect4";
+/// Pin of the cgroup link that keeps `lb_connect4` attached.
+pub const CONNECT4_LINK: &str = "connect4_link";
+
+/// Where a new link is pinned before it replaces [`CONNECT4_LINK`] (bpffs allows no dots in
+/// names).
+const STAGING_LINK: &str = "connect4_link_new";
+
+/// Every pin lb makes, in the order `reset` removes them (link first: detaching stops the
+/// rewriting before the maps go away).
+const PINS: [&str; 4] = [CONNECT4_LINK, SERVICES_MAP, BACKENDS_MAP, NAMES_MAP];
+
+/// The eBPF object, built from lb-ebpf by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// `statfs.f_type` of a BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The three maps, with the key and value types of lb-common.
+pub struct BpfMaps {
+    services: HashMap<MapData, Frontend4Key, ServiceEntry>,
+    backends: HashMap<MapData, BackendSlotKey, Backend4>,
+    names: HashMap<MapData, u32, ServiceName>,
+}
+
+impl BpfMaps {
+    /// Opens the maps pinned under `pin_dir` (by a running or stopped agent).
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| match e {
+                MapError::SyscallError(ref s) if s.io_error.kind() == ErrorKind::NotFound => {
+                    anyhow::anyhow!(
+                        "no lb dataplane at {}: {} is not pinned; start `lb-agent run` (with the \
+                         same --pin-dir) first",
+                        pin_dir.display(),
+                        name
+                    )
+                }
+                e => anyhow::Error::new(e).context(format!("opening {}", path.display())),
+            })?;
+            Ok(Map::HashMap(data))
+        };
+        Ok(Self {
+            services: typed(open(SERVICES_MAP)?, SERVICES_MAP)?,
+            backends: typed(open(BACKENDS_MAP)?, BACKENDS_MAP)?,
+            names: typed(open(NAMES_MAP)?, NAMES_MAP)?,
+        })
+    }
+
+    fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))
+        };
+        Ok(Self {
+            services: typed(take(SERVICES_MAP)?, SERVICES_MAP)?,
+            backends: typed(take(BACKENDS_MAP)?, BACKENDS_MAP)?,
+            names: typed(take(NAMES_MAP)?, NAMES_MAP)?,
+        })
+    }
+}
+
+fn typed<K: aya::Pod, V: aya::Pod>(
+    map: Map,
+    name: &str,
+) -> anyhow::Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(map).with_context(|| {
+        format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
+    })
+}
+
+impl MapStore for BpfMaps {
+    fn write(&mut self, write: &Write) -> anyhow::Result<()> {
+        let result = match write {
+            Write::PutName(id, name) => self.names.insert(id, name, 0),
+            Write::PutBackend(key, backend) => self.backends.insert(key, backend, 0),
+            Write::PutService(key, entry) => self.services.insert(key, entry, 0),
+            Write::DeleteService(key) => ignore_missing(self.services.remove(key)),
+            Write::DeleteBackend(key) => ignore_missing(self.backends.remove(key)),
+            Write::DeleteName(id) => ignore_missing(self.names.remove(id)),
+        };
+        result.map_err(|error| {
+            let map = match write {
+                Write::PutName(..) | Write::DeleteName(..) => NAMES_MAP,
+                Write::PutBackend(..) | Write::DeleteBackend(..) => BACKENDS_MAP,
+                Write::PutService(..) | Write::DeleteService(..) => SERVICES_MAP,
+            };
+            match &error {
+                MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                    anyhow::anyhow!("map {map} is full")
+                }
+                _ => anyhow::Error::new(error).context(format!("writing map {map}")),
+            }
+        })
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            services: self
+                .services
+                .iter()
+                .collect::<Result<_, _>>()
+                .context("reading LB4_SERVICES")?,
+            backends: self
+                .backends
+                .iter()
+                .collect::<Result<_, _>>()
+                .context("reading LB4_BACKENDS")?,
+            names: self
+                .names
+                .iter()
+                .collect::<Result<_, _>>()
+                .context("reading LB_SVC_NAMES")?,
+        })
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(s)) if s.io_error.kind() == ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// The loaded dataplane: its maps, and the reader of its eBPF log events.
+pub struct Loaded {
+    pub maps: BpfMaps,
+    pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+}
+
+/// Loads the programs with the maps pinned under `pin_dir` (reusing them when an earlier agent
+/// left them) and attaches `lb_connect4` to `cgroup`, replacing the program an earlier agent left
+/// attached there without a moment in which connects go un-rewritten.
+pub fn load_and_attach(
+    pin_dir: &Path,
+    cgroup: &Path,
+    log_level: aya_log::Level,
+) -> anyhow::Result<Loaded> {
+    ensure_bpffs(pin_dir)?;
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    check_pinned_layouts(pin_dir)?;
+
+    let pin = |name: &str| pin_dir.join(name);
+    let (services, backends, names) = (pin(SERVICES_MAP), pin(BACKENDS_MAP), pin(NAMES_MAP));
+    let level = log_level as u8;
+    let mut ebpf = EbpfLoader::new()
+        .map_pin_path(SERVICES_MAP, services.as_path())
+        .map_pin_path(BACKENDS_MAP, backends.as_path())
+        .map_pin_path(NAMES_MAP, names.as_path())
+        .override_global(aya_log::LEVEL, &level, true)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF programs (is this a kernel with BTF, and are we root?)")?;
+    let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
+
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(CONNECT4_PROGRAM)
+        .context("the eBPF object has no lb_connect4 program")?
+        .try_into()?;
+    program.load().context("loading lb_connect4 into the kernel")?;
+    let cgroup_dir = fs::File::open(cgroup).with_context(|| {
+        format!(
+            "opening cgroup {}; pass --cgroup with a cgroup v2 directory",
+            cgroup.display()
+        )
+    })?;
+    // A cgroup BPF link takes no attach flags and always runs alongside other programs (including
+    // our previous one, until it is replaced below).
+    let link_id = program
+        .attach(&cgroup_dir, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching lb_connect4 to cgroup {}", cgroup.display()))?;
+    let link = FdLink::try_from(program.take_link(link_id)?)
+        .context("the kernel attached lb_connect4 without a BPF link (needs Linux >= 5.7)")?;
+
+    // Pin under a temporary name, then rename over the old pin: the old link's last reference
+    // goes and it detaches only after ours is attached (two identical programs in a row are
+    // harmless: the second sees an already rewritten address).
+    let link_pin = pin(CONNECT4_LINK);
+    let staging = pin(STAGING_LINK);
+    let _ = fs::remove_file(&staging);
+    let pinned = link
+        .pin(&staging)
+        .with_context(|| format!("pinning the cgroup link at {}", staging.display()))?;
+    fs::rename(&staging, &link_pin)
+        .with_context(|| format!("replacing the pinned link {}", link_pin.display()))?;
+    drop(pinned); // the pin keeps the link, and so the program, alive
+    info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "connect4 program attached");
+
+    let maps = BpfMaps::take(&mut ebpf)?;
+    Ok(Loaded { maps, logger })
+}
+
+/// Refuses maps pinned by an agent with another map layout: reusing them would misread every
+/// entry.
+fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
+    let expected = [
+        (SERVICES_MAP, size_of::<Frontend4Key>(), size_of::<ServiceEntry>()),
+        (BACKENDS_MAP, size_of::<BackendSlotKey>(), size_of::<Backend4>()),
+        (NAMES_MAP, size_of::<u32>(), size_of::<ServiceName>()),
+    ];
+    for (name, key_size, value_size) in expected {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
+            bail!(
+                "pinned map {} has key/value sizes {}/{}, this agent needs {key_size}/{value_size}: \
+                 an incompatible lb version left it. Run `lb-agent reset --pin-dir {}` and start \
+                 again (Services are not load-balanced until the agent has programmed them)",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes every pin lb made under `pin_dir`: detaches the program and frees the maps. Returns
+/// what was removed.
+pub fn reset(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for name in PINS.iter().chain([&STAGING_LINK]) {
+        let path = pin_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => debug!("left {}: {e}", pin_dir.display()),
+    }
+    Ok(removed)
+}
+
+/// Makes sure `pin_dir` is on a BPF filesystem, mounting one at `/sys/fs/bpf` when that is where
+/// it belongs and nothing is mounted (as other BPF agents do).
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    // The closest existing ancestor tells which filesystem the directory will be on.
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if fs_type(existing)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(default) && existing.starts_with(default) {
+        info!("no BPF filesystem at /sys/fs/bpf; mounting one");
+        mount_bpffs(default)?;
+        if fs_type(default)? == BPF_FS_MAGIC {
+            return Ok(());
+        }
+    }
+    bail!(
+        "{} is not on a BPF filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`) or pass \
+         --pin-dir under a mounted one",
+        pin_dir.display()
+    )
+}
+
+fn fs_type(path: &Path) -> anyhow::Result<i64> {
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(stat.f_type as i64)
+}
+
+fn mount_bpffs(target: &Path) -> anyhow::Result<()> {
+    let target_c = CString::new(target.as_os_str().as_bytes())?;
+    let bpf = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe {
+        libc::mount(
+            bpf.as_ptr(),
+            target_c.as_ptr(),
+            bpf.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting a BPF filesystem at {}", target.display()));
+    }
+    Ok(())
+}

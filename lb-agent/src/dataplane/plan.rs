@@ -1,0 +1,299 @@
+//! The diff between what the maps hold and what the model wants, as ordered map writes.
+//!
+//! # Update order
+//!
+//! A connect reads a frontend's entry (id, count), picks a slot below the count, then reads that
+//! slot. So that it never reads a missing or half-written backend set, each frontend's writes go:
+//!
+//! - **added**: name, then backend slots `0..n`, then the service entry (count `n`) that makes them
+//!   reachable;
+//! - **updated**: changed slots below the new count, then the entry with the new count, then the
+//!   slots at or above the new count (now unreachable) are deleted;
+//! - **removed**: the entry first (connects stop matching), then its slots, then its name.
+//!
+//! While an update runs, a connect may still reach a backend of the old set (a slot not yet
+//! rewritten, or one below the old count); once the entry is written no connect can. Each slot and
+//! entry write is a single map update, so it is seen whole or not at all.
+//!
+//! Backends that stay keep their slot, so an endpoint change rewrites only the slots it touches.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{Backend4, BackendSlotKey, Frontend4Key, ServiceEntry, ServiceName};
+
+/// What the maps hold for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedFrontend {
+    pub service_id: u32,
+    pub name: ServiceName,
+    /// Slot `i` is `slots[i]`; `None` where the map lacks a slot below the count (only after an
+    /// interrupted write by an earlier agent), which the next plan rewrites.
+    pub slots: Vec<Option<Backend4>>,
+}
+
+/// What the model wants for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WantedFrontend {
+    pub name: ServiceName,
+    pub backends: BTreeSet<Backend4>,
+}
+
+pub type Programmed = BTreeMap<Frontend4Key, ProgrammedFrontend>;
+pub type Wanted = BTreeMap<Frontend4Key, WantedFrontend>;
+
+/// One map update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    PutName(u32, ServiceName),
+    PutBackend(BackendSlotKey, Backend4),
+    PutService(Frontend4Key, ServiceEntry),
+    DeleteService(Frontend4Key),
+    DeleteBackend(BackendSlotKey),
+    DeleteName(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Added,
+    Updated,
+    Removed,
+}
+
+/// The writes for one frontend, in the order they must be made, and what the maps then hold.
+#[derive(Clone, Debug)]
+pub struct FrontendChange {
+    pub frontend: Frontend4Key,
+    pub kind: ChangeKind,
+    pub writes: Vec<Write>,
+    /// The frontend once `writes` are done; `None` when removed.
+    pub after: Option<ProgrammedFrontend>,
+}
+
+/// Plans the changes that turn `programmed` into `wanted`: removals first (they free map space),
+/// then updates, then additions. Frontends that already match produce nothing.
+pub fn plan(programmed: &Programmed, wanted: &Wanted) -> Vec<FrontendChange> {
+    let mut ids = IdAllocator::new(programmed.values().map(|p| p.service_id));
+    let mut removed = Vec::new();
+    let mut updated = Vec::new();
+    let mut added = Vec::new();
+
+    for (frontend, current) in programmed {
+        if !wanted.contains_key(frontend) {
+            removed.push(remove(*frontend, current));
+        }
+    }
+    for (frontend, want) in wanted {
+        match programmed.get(frontend) {
+            Some(current) => updated.extend(update(*frontend, current, want)),
+            None => added.push(add(*frontend, want, ids.next())),
+        }
+    }
+    removed.into_iter().chain(updated).chain(added).collect()
+}
+
+fn add(frontend: Frontend4Key, want: &WantedFrontend, service_id: u32) -> FrontendChange {
+    let slots: Vec<Backend4> = want.backends.iter().copied().collect();
+    let mut writes = vec![Write::PutName(service_id, want.name)];
+    writes.extend(
+        slots
+            .iter()
+            .enumerate()
+            .map(|(slot, b)| Write::PutBackend(slot_key(service_id, slot), *b)),
+    );
+    writes.push(Write::PutService(frontend, entry(service_id, slots.len())));
+    FrontendChange {
+        frontend,
+        kind: ChangeKind::Added,
+        writes,
+        after: Some(ProgrammedFrontend {
+            service_id,
+            name: want.name,
+            slots: slots.into_iter().map(Some).collect(),
+        }),
+    }
+}
+
+fn update(
+    frontend: Frontend4Key,
+    current: &ProgrammedFrontend,
+    want: &WantedFrontend,
+) -> Option<FrontendChange> {
+    let id = current.service_id;
+    let slots = relayout(&current.slots, &want.backends);
+    let mut writes = Vec::new();
+    if current.name != want.name {
+        writes.push(Write::PutName(id, want.name));
+    }
+    for (slot, backend) in slots.iter().enumerate() {
+        if current.slots.get(slot).copied().flatten() != Some(*backend) {
+            writes.push(Write::PutBackend(slot_key(id, slot), *backend));
+        }
+    }
+    if slots.len() != current.slots.len() {
+        writes.push(Write::PutService(frontend, entry(id, slots.len())));
+    }
+    writes.extend((slots.len()..current.slots.len()).map(|slot| Write::DeleteBackend(slot_key(id, slot))));
+    if writes.is_empty() {
+        return None;
+    }
+    Some(FrontendChange {
+        frontend,
+        kind: ChangeKind::Updated,
+        writes,
+        after: Some(ProgrammedFrontend {
+            service_id: id,
+            name: want.name,
+            slots: slots.into_iter().map(Some).collect(),
+        }),
+    })
+}
+
+fn remove(frontend: Frontend4Key, current: &ProgrammedFrontend) -> FrontendChange {
+    let id = current.service_id;
+    let mut writes = vec![Write::DeleteService(frontend)];
+    writes.extend((0..current.slots.len()).map(|slot| Write::DeleteBackend(slot_key(id, slot))));
+    writes.push(Write::DeleteName(id));
+    FrontendChange {
+        frontend,
+        kind: ChangeKind::Removed,
+        writes,
+        after: None,
+    }
+}
+
+/// New slot order for `wanted`: backends that stay keep their slot, new ones fill the freed slots
+/// (lowest first) and then the end; if the set shrank, the last backends move down into the holes
+/// so that slots stay dense.
+fn relayout(current: &[Option<Backend4>], wanted: &BTreeSet<Backend4>) -> Vec<Backend4> {
+    let mut slots: Vec<Option<Backend4>> = current
+        .iter()
+        .map(|b| b.filter(|b| wanted.contains(b)))
+        .collect();
+    let kept: BTreeSet<Backend4> = slots.iter().flatten().copied().collect();
+    let mut new = wanted.iter().filter(|b| !kept.contains(b)).copied();
+
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match new.next() {
+            Some(b) => *slot = Some(b),
+            None => break,
+        }
+    }
+    slots.extend(new.map(Some));
+
+    // Compact: move the last backend into the lowest hole until none is left.
+    while let Some(hole) = slots.iter().position(Option::is_none) {
+        match slots.pop() {
+            Some(Some(last)) if hole < slots.len() => slots[hole] = Some(last),
+            _ => {} // popped a trailing hole, or the hole was the last slot
+        }
+    }
+    slots.into_iter().flatten().collect()
+}
+
+fn slot_key(service_id: u32, slot: usize) -> BackendSlotKey {
+    BackendSlotKey {
+        service_id,
+        slot: slot as u32,
+    }
+}
+
+fn entry(service_id: u32, count: usize) -> ServiceEntry {
+    ServiceEntry {
+        service_id,
+        backend_count: count as u16,
+        flags: 0,
+    }
+}
+
+/// Hands out the lowest service ids not in use. Ids of frontends removed in the same plan stay
+/// taken, so an addition never shares an id with slots that are still being deleted.
+struct IdAllocator {
+    used: BTreeSet<u32>,
+    next: u32,
+}
+
+impl IdAllocator {
+    fn new(used: impl IntoIterator<Item = u32>) -> Self {
+        Self {
+            used: used.into_iter().collect(),
+            next: 1,
+        }
+    }
+
+    fn next(&mut self) -> u32 {
+        while self.used.contains(&self.next) {
+            self.next += 1;
+        }
+        self.used.insert(self.next);
+        self.next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(last: u8) -> Backend4 {
+        Backend4 {
+            address: [10, 244, 0, last],
+            port: 8080,
+            _pad: 0,
+        }
+    }
+
+    fn set(lasts: &[u8]) -> BTreeSet<Backend4> {
+        lasts.iter().map(|&l| b(l)).collect()
+    }
+
+    fn lasts(slots: &[Backend4]) -> Vec<u8> {
+        slots.iter().map(|b| b.address[3]).collect()
+    }
+
+    fn current(lasts: &[u8]) -> Vec<Option<Backend4>> {
+        lasts.iter().map(|&l| Some(b(l))).collect()
+    }
+
+    #[test]
+    fn relayout_keeps_survivors_in_place() {
+        // 2 replaced by 4: 1 and 3 stay where they were.
+        assert_eq!(lasts(&relayout(&current(&[1, 2, 3]), &set(&[1, 3, 4]))), [1, 4, 3]);
+        // growth appends
+        assert_eq!(lasts(&relayout(&current(&[3, 1]), &set(&[1, 2, 3]))), [3, 1, 2]);
+        // shrink moves the last survivor into the hole
+        assert_eq!(lasts(&relayout(&current(&[1, 2, 3, 4, 5]), &set(&[3, 5]))), [5, 3]);
+        assert_eq!(lasts(&relayout(&current(&[1, 2, 3]), &set(&[1]))), [1]);
+        assert_eq!(lasts(&relayout(&current(&[1, 2]), &set(&[]))), Vec::<u8>::new());
+        // a slot the maps lacked is refilled
+        assert_eq!(lasts(&relayout(&[Some(b(1)), None], &set(&[1, 2]))), [1, 2]);
+    }
+
+    #[test]
+    fn unchanged_frontend_plans_nothing_and_one_endpoint_change_one_write() {
+        let fe = Frontend4Key {
+            address: [10, 96, 0, 10],
+            port: 80,
+            protocol: 6,
+            _pad: 0,
+        };
+        let name = ServiceName::new("shop", "web", "http");
+        let programmed: Programmed = [(
+            fe,
+            ProgrammedFrontend {
+                service_id: 7,
+                name,
+                slots: current(&[1, 2, 3]),
+            },
+        )]
+        .into();
+        let same: Wanted = [(fe, WantedFrontend { name, backends: set(&[1, 2, 3]) })].into();
+        assert!(plan(&programmed, &same).is_empty());
+
+        let swapped: Wanted = [(fe, WantedFrontend { name, backends: set(&[1, 2, 4]) })].into();
+        let changes = plan(&programmed, &swapped);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            changes[0].writes,
+            [Write::PutBackend(BackendSlotKey { service_id: 7, slot: 2 }, b(4))]
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! Sources of Services and EndpointSlices. Each is a thin shell: it hands objects to the model and
+//! says where they came from, so problems can name the file.
+
+pub mod manifest;
