@@ -1,1 +1,131 @@
-fn main() {}
+//! `cargo xtask`: build, demo, test (and the probe helper the testbed runs).
+//! New machines start with `xtask/run`, which installs the toolchain first.
+
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use xtask::testbed::probe;
+
+#[derive(Parser)]
+#[command(about = "lb's build, demo and test tasks (start with xtask/run on a new machine)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check that this machine can run lb (root, kernel BTF, cgroup v2, tools).
+    Setup,
+    /// Build the agent (with its eBPF programs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Walk through lb on veth namespaces and the manifests in deploy/examples.
+    Demo,
+    /// Unit tests, then the privileged end-to-end tests (root).
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// (testbed) connect to an address from a namespace and report who answered.
+    #[command(hide = true)]
+    Probe(probe::ProbeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup(),
+        Task::Build { release } => build(release).map(|_| ()),
+        Task::Demo => setup().and_then(|()| build(false)).and_then(|bin| demo::run(&bin)),
+        Task::Test { args } => setup().and_then(|()| test(&args)),
+        Task::Probe(args) => probe::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn step(text: &str) {
+    eprintln!("==> {text}");
+}
+
+/// Checks what lb needs from the machine, saying how to fix what is missing.
+fn setup() -> anyhow::Result<()> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run as root: loading BPF programs and making network namespaces need it");
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux); lb needs a kernel built with CONFIG_DEBUG_INFO_BTF");
+    }
+    xtask::testbed::cgroup2_root()?;
+    for tool in ["ip", "bpftool", "bpf-linker"] {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            bail!("{tool} not found on PATH: run `xtask/run setup`, which installs it");
+        }
+    }
+    Ok(())
+}
+
+/// Builds lb-agent and returns the binary's path.
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    step(&format!("building lb-agent{} (first build: a few minutes)", if release { " (release)" } else { "" }));
+    let mut command = cargo();
+    command.args(["build", "--package", "lb-agent"]);
+    if release {
+        command.arg("--release");
+    }
+    // aya-build relays the eBPF build as warnings; keep them out of the way unless asked.
+    if std::env::var_os("LB_VERBOSE_BUILD").is_none() {
+        command.arg("--quiet");
+    }
+    let status = command.status().context("running cargo")?;
+    if !status.success() {
+        bail!("building lb-agent failed (see above)");
+    }
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("lb-agent"))
+}
+
+/// Unit tests of every crate and the end-to-end tests, in one cargo run.
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let agent = build(false)?;
+    step("running unit and end-to-end tests");
+    let status = cargo()
+        .args(["test", "--package", "lb-common", "--package", "lb-agent", "--package", "xtask"])
+        .arg("--")
+        .args(args)
+        .env("LB_AGENT_BIN", &agent)
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("tests failed (see above)");
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! Service and EndpointSlice manifests, written the way `kubectl get -o yaml` shows them.
+
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+/// A Service port: name, port, protocol (`TCP`/`UDP`), targetPort (a name or a number).
+pub struct Port<'a> {
+    pub name: &'a str,
+    pub port: u16,
+    pub protocol: &'a str,
+    pub target: Value,
+}
+
+impl<'a> Port<'a> {
+    pub fn tcp(name: &'a str, port: u16, target: impl Into<Value>) -> Self {
+        Self { name, port, protocol: "TCP", target: target.into() }
+    }
+
+    pub fn udp(name: &'a str, port: u16, target: impl Into<Value>) -> Self {
+        Self { name, port, protocol: "UDP", target: target.into() }
+    }
+}
+
+pub fn service(namespace: &str, name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> String {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"name": p.name, "protocol": p.protocol, "port": p.port, "targetPort": p.target}))
+        .collect();
+    to_yaml(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip.to_string(), "ports": ports},
+    }))
+}
+
+/// An endpoint and its conditions (`None`: left out, which the API reads as ready).
+pub struct Endpoint<'a> {
+    pub ip: Ipv4Addr,
+    pub pod: &'a str,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+impl<'a> Endpoint<'a> {
+    pub fn ready(ip: Ipv4Addr, pod: &'a str) -> Self {
+        Self { ip, pod, ready: Some(true), serving: Some(true), terminating: Some(false) }
+    }
+}
+
+/// Slice ports: name, port, protocol.
+pub fn endpoint_slice(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[Endpoint],
+) -> String {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(name, port, protocol)| json!({"name": name, "port": port, "protocol": protocol}))
+        .collect();
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|e| {
+            let mut conditions = serde_json::Map::new();
+            for (key, value) in [("ready", e.ready), ("serving", e.serving), ("terminating", e.terminating)] {
+                if let Some(v) = value {
+                    conditions.insert(key.into(), v.into());
+                }
+            }
+            json!({
+                "addresses": [e.ip.to_string()],
+                "conditions": conditions,
+                "targetRef": {"kind": "Pod", "namespace": namespace, "name": e.pod},
+            })
+        })
+        .collect();
+    to_yaml(json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    }))
+}
+
+/// Joins documents into one multi-document file.
+pub fn documents(docs: &[String]) -> String {
+    docs.iter().map(|d| format!("---\n{d}")).collect()
+}
+
+fn to_yaml(value: Value) -> String {
+    serde_yaml::to_string(&value).expect("JSON values serialize as YAML")
+}

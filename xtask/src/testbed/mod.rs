@@ -1,0 +1,260 @@
+//! The testbed shared by the demo, the end-to-end tests and the benchmarks: "pods" in their own
+//! network namespaces behind a bridge in a client namespace, a cgroup for the clients, a private
+//! BPF filesystem, a manifest directory, and lb-agent running on them.
+//!
+//! Network safety: traffic only ever goes between namespaces made here. The client namespace has
+//! no default route, only the pods' subnet, and an `unreachable` route for the Service CIDR, so a
+//! connect to a ClusterIP that lb did not rewrite fails locally. Nothing host-wide is touched; all
+//! names are `lbt<pid>-<n>...` and removed on every exit path (see [`cleanup`]).
+
+pub mod agent;
+pub mod cleanup;
+pub mod netns;
+pub mod pod;
+pub mod probe;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use agent::Agent;
+use cleanup::{Guard, Undo};
+use netns::Netns;
+use pod::PodServer;
+use probe::{Attempt, ProbeArgs};
+
+/// The Service CIDR, made unreachable in the client namespace.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The pods' subnet and the client's address on it.
+pub const POD_PREFIX_LEN: u8 = 24;
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 254);
+
+/// A pod: its name (what it answers), address and listening ports.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub tcp_ports: Vec<u16>,
+    pub udp_ports: Vec<u16>,
+}
+
+impl PodSpec {
+    /// `count` pods `{prefix}-1..` at 10.244.1.1.. listening on `tcp_ports`.
+    pub fn numbered(prefix: &str, count: u8, tcp_ports: &[u16]) -> Vec<Self> {
+        (1..=count)
+            .map(|i| PodSpec {
+                name: format!("{prefix}-{i}"),
+                ip: Ipv4Addr::new(10, 244, 1, i),
+                tcp_ports: tcp_ports.to_vec(),
+                udp_ports: vec![],
+            })
+            .collect()
+    }
+}
+
+pub struct Testbed {
+    pub id: String,
+    agent_bin: PathBuf,
+    probe_bin: PathBuf,
+    echo_agent: Option<&'static str>,
+    // Dropped in this order: agent, pods, client namespace, cgroup, BPF mount, directory.
+    agent: Option<Agent>,
+    pods: Vec<(PodSpec, PodServer, Netns)>,
+    client: Netns,
+    cgroup: PathBuf,
+    _cgroup: Guard,
+    pin_dir: PathBuf,
+    _bpffs: Guard,
+    manifests: PathBuf,
+    _dir: Guard,
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+impl Testbed {
+    /// Builds the namespaces, cgroup and mounts; starts the pods' servers. `probe_bin` is an
+    /// executable with the `probe` subcommand (xtask).
+    pub fn new(agent_bin: &Path, probe_bin: &Path, pods: &[PodSpec]) -> anyhow::Result<Self> {
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the testbed needs root (network namespaces, cgroups, BPF): run `xtask/run test` as root");
+        }
+        if !agent_bin.exists() {
+            bail!("{} not found: build it first (`cargo build -p lb-agent`; `xtask/run test` does)", agent_bin.display());
+        }
+        let cgroup_root = cgroup2_root()?;
+        cleanup::sweep_stale(&cgroup_root);
+        let id = format!("{}{}-{}", cleanup::PREFIX, std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir)?;
+        let dir_guard = cleanup::register(Undo::RemoveDir(dir.clone()));
+        let manifests = dir.join("manifests");
+        std::fs::create_dir_all(&manifests)?;
+
+        // A private BPF filesystem: the agent's pins live and die with this testbed.
+        let bpffs = dir.join("bpf");
+        std::fs::create_dir_all(&bpffs)?;
+        mount_bpffs(&bpffs)?;
+        let bpffs_guard = cleanup::register(Undo::Unmount(bpffs.clone()));
+
+        let cgroup = cgroup_root.join(&id);
+        std::fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let cgroup_guard = cleanup::register(Undo::Cgroup(cgroup.clone()));
+
+        let client = Netns::create(&format!("{id}-c"))?;
+        client.ip(&["link", "add", "br0", "type", "bridge"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/{POD_PREFIX_LEN}"), "dev", "br0"])?;
+        client.ip(&["link", "set", "br0", "up"])?;
+        client.ip(&["route", "add", "unreachable", SERVICE_CIDR])?;
+
+        let mut testbed = Self {
+            id,
+            agent_bin: agent_bin.to_owned(),
+            probe_bin: probe_bin.to_owned(),
+            echo_agent: None,
+            agent: None,
+            pods: Vec::new(),
+            client,
+            cgroup,
+            _cgroup: cgroup_guard,
+            pin_dir: bpffs.join("lb"),
+            _bpffs: bpffs_guard,
+            manifests,
+            _dir: dir_guard,
+        };
+        for pod in pods {
+            testbed.add_pod(pod.clone())?;
+        }
+        Ok(testbed)
+    }
+
+    /// Print the agent's log lines with this prefix as they come (the demo does).
+    pub fn echo_agent_log(&mut self, prefix: &'static str) {
+        self.echo_agent = Some(prefix);
+    }
+
+    fn add_pod(&mut self, pod: PodSpec) -> anyhow::Result<()> {
+        let index = self.pods.len() + 1;
+        let ns = Netns::create(&format!("{}-p{index}", self.id))?;
+        let veth = format!("vp{index}");
+        self.client.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        self.client.ip(&["link", "set", &veth, "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{}/{POD_PREFIX_LEN}", pod.ip), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        let server = PodServer::start(ns.name(), &pod.name, &pod.tcp_ports, &pod.udp_ports)?;
+        self.pods.push((pod, server, ns));
+        Ok(())
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &PodSpec> {
+        self.pods.iter().map(|(spec, _, _)| spec)
+    }
+
+    pub fn manifests_dir(&self) -> &Path {
+        &self.manifests
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    pub fn client_netns(&self) -> &str {
+        self.client.name()
+    }
+
+    /// Writes a manifest atomically (a temporary dot-file renamed into place), as a tool would.
+    pub fn write_manifest(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifests.join(name))?;
+        Ok(())
+    }
+
+    /// Starts the agent and waits for its first sync.
+    pub fn start_agent(&mut self) -> anyhow::Result<&mut Agent> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        let mut agent = Agent::start(&self.agent_bin, &self.manifests, &self.cgroup, &self.pin_dir, self.echo_agent)?;
+        agent.wait_for(agent::SYNCED, 0, Duration::from_secs(20))?;
+        Ok(self.agent.insert(agent))
+    }
+
+    pub fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("the agent is not running: call start_agent first")
+    }
+
+    /// Stops the agent with SIGTERM (the datapath stays attached).
+    pub fn stop_agent(&mut self) -> anyhow::Result<()> {
+        match self.agent.take() {
+            Some(mut agent) => agent.stop(),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `lb-agent ARGS --pin-dir PIN_DIR` and returns its stdout.
+    pub fn agent_command(&self, args: &[&str]) -> anyhow::Result<String> {
+        agent::command(&self.agent_bin, args, &self.pin_dir)
+    }
+
+    /// Probe arguments for `target` from the client namespace, inside the cgroup.
+    pub fn probe_args(&self, target: SocketAddr, count: u32) -> ProbeArgs {
+        ProbeArgs {
+            netns: self.client.name().to_owned(),
+            cgroup: Some(self.cgroup.clone()),
+            target,
+            udp: false,
+            count,
+            duration_ms: None,
+            interval_ms: 0,
+        }
+    }
+
+    /// Runs a probe to completion.
+    pub fn probe(&self, args: &ProbeArgs) -> anyhow::Result<Vec<Attempt>> {
+        probe::collect(self.spawn_probe(args)?)
+    }
+
+    pub fn spawn_probe(&self, args: &ProbeArgs) -> anyhow::Result<std::process::Child> {
+        probe::spawn(&self.probe_bin, args)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = self.stop_agent();
+    }
+}
+
+/// The cgroup v2 mount (any one shows the whole hierarchy).
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let (_, mount_point, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .next()
+        .context("no cgroup v2 filesystem mounted; the testbed needs one (mount -t cgroup2 none /sys/fs/cgroup)")
+}
+
+fn mount_bpffs(target: &Path) -> anyhow::Result<()> {
+    let target_c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid NUL-terminated strings; no data.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target_c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("mounting a BPF filesystem at {}", target.display()));
+    }
+    Ok(())
+}

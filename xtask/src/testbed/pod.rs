@@ -1,0 +1,140 @@
+//! A "pod": threads inside a namespace that answer as the pod's name, over HTTP on TCP and as a
+//! datagram on UDP.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use super::netns;
+
+/// How long a server waits in one poll before checking whether to stop.
+const POLL: Duration = Duration::from_millis(50);
+
+pub struct PodServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PodServer {
+    /// Starts listening on every port (all addresses of `netns`); returns once all are bound.
+    pub fn start(netns: &str, name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+        let ports = tcp_ports
+            .iter()
+            .map(|&p| (p, true))
+            .chain(udp_ports.iter().map(|&p| (p, false)));
+        for (port, tcp) in ports {
+            let (netns, name, stop, ready) = (netns.to_owned(), name.to_owned(), stop.clone(), ready_tx.clone());
+            threads.push(thread::spawn(move || {
+                let bound = netns::enter(&netns).and_then(|()| {
+                    if tcp {
+                        Ok(Socket::Tcp(TcpListener::bind(("0.0.0.0", port))?))
+                    } else {
+                        let socket = UdpSocket::bind(("0.0.0.0", port))?;
+                        socket.set_read_timeout(Some(POLL))?;
+                        Ok(Socket::Udp(socket))
+                    }
+                });
+                let socket = match bound {
+                    Ok(s) => {
+                        let _ = ready.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e.context(format!("{name}: binding port {port}"))));
+                        return;
+                    }
+                };
+                match socket {
+                    Socket::Tcp(listener) => serve_tcp(&listener, &name, &stop),
+                    Socket::Udp(socket) => serve_udp(&socket, &name, &stop),
+                }
+            }));
+        }
+        drop(ready_tx);
+        let expected = threads.len();
+        let server = Self { stop, threads };
+        for _ in 0..expected {
+            ready_rx.recv().context("a server thread died before binding")??;
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        if !readable(listener.as_raw_fd(), POLL) {
+            continue;
+        }
+        if let Ok((stream, _)) = listener.accept() {
+            let _ = answer_http(stream, name);
+        }
+    }
+}
+
+/// Reads the request head (bounded in size and time), then answers with the pod's name.
+fn answer_http(mut stream: TcpStream, name: &str) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while request.len() < 8192 && !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = format!("{name}\n");
+    write!(
+        stream,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .context("writing the answer")?;
+    Ok(())
+}
+
+fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(name.as_bytes(), peer);
+        }
+    }
+}
+
+fn readable(fd: i32, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) > 0 }
+}
