@@ -7,8 +7,8 @@ use anyhow::{Context as _, bail};
 /// The mount point of the cgroup v2 filesystem: `/sys/fs/cgroup` on a unified host, often
 /// `/sys/fs/cgroup/unified` on a hybrid one. Any cgroup2 mount shows the same hierarchy.
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("reading /proc/self/mountinfo")?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let mounts = cgroup2_mounts(&mountinfo);
     if let Some(preferred) = mounts.iter().find(|m| m.as_os_str() == "/sys/fs/cgroup") {
         return Ok(preferred.clone());
@@ -41,7 +41,9 @@ fn unescape(field: &str) -> String {
     let mut rest = field;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 4).and_then(|c| u8::from_str_radix(c, 8).ok());
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|c| u8::from_str_radix(c, 8).ok());
         match code {
             Some(c) => {
                 out.push(char::from(c));

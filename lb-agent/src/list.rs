@@ -115,7 +115,11 @@ fn table(rows: &[FrontendView]) -> String {
             [r.service.to_string(), r.frontend.to_string(), backends]
         })
         .collect();
-    let header = ["SERVICE".to_owned(), "FRONTEND".to_owned(), "BACKENDS".to_owned()];
+    let header = [
+        "SERVICE".to_owned(),
+        "FRONTEND".to_owned(),
+        "BACKENDS".to_owned(),
+    ];
     let width = |i: usize| {
         std::iter::once(&header)
             .chain(&cells)
@@ -149,8 +153,14 @@ mod tests {
                     protocol: Protocol::Tcp,
                 },
                 backends: vec![
-                    Backend { address: "10.244.0.1".parse().unwrap(), port: 8080 },
-                    Backend { address: "10.244.0.2".parse().unwrap(), port: 8080 },
+                    Backend {
+                        address: "10.244.0.1".parse().unwrap(),
+                        port: 8080,
+                    },
+                    Backend {
+                        address: "10.244.0.2".parse().unwrap(),
+                        port: 8080,
+                    },
                 ],
                 missing_slots: 0,
             },

@@ -40,9 +40,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let loaded = bpf::load_and_attach(&args.pin_dir, &cgroup, ebpf_level)?;
     // SAFETY: the logger owns the ring buffer's fd and lives inside the AsyncFd, so the fd stays
     // open for as long as it is registered.
-    let mut ebpf_logs = unsafe { AsyncFd::register_with_interest(loaded.logger, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching the eBPF log buffer")?;
+    let mut ebpf_logs =
+        unsafe { AsyncFd::register_with_interest(loaded.logger, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("watching the eBPF log buffer")?;
     let mut dataplane = Dataplane::adopt(loaded.maps)?;
     info!(frontends = dataplane.len(), "adopted the pinned maps");
 

@@ -199,7 +199,10 @@ mod tests {
     #[test]
     fn service_name_round_trips_and_truncates_on_char_boundary() {
         let n = ServiceName::new("shop", "web", "http");
-        assert_eq!((n.namespace(), n.name(), n.port_name()), ("shop", "web", "http"));
+        assert_eq!(
+            (n.namespace(), n.name(), n.port_name()),
+            ("shop", "web", "http")
+        );
 
         // 15 ASCII bytes then a 2-byte char: only the ASCII part fits before the NUL.
         let n = ServiceName::new("ns", "svc", "aaaaaaaaaaaaaaaé");

@@ -46,7 +46,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup(),
         Task::Build { release } => build(release).map(|_| ()),
-        Task::Demo => setup().and_then(|()| build(false)).and_then(|bin| demo::run(&bin)),
+        Task::Demo => setup()
+            .and_then(|()| build(false))
+            .and_then(|bin| demo::run(&bin)),
         Task::Test { args } => setup().and_then(|()| test(&args)),
         Task::Probe(args) => probe::run(&args),
     };
@@ -60,7 +62,10 @@ fn main() -> ExitCode {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn cargo() -> Command {
@@ -80,7 +85,9 @@ fn setup() -> anyhow::Result<()> {
         bail!("run as root: loading BPF programs and making network namespaces need it");
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux); lb needs a kernel built with CONFIG_DEBUG_INFO_BTF");
+        bail!(
+            "this kernel has no BTF (/sys/kernel/btf/vmlinux); lb needs a kernel built with CONFIG_DEBUG_INFO_BTF"
+        );
     }
     xtask::testbed::cgroup2_root()?;
     for tool in ["ip", "bpftool", "bpf-linker"] {
@@ -96,7 +103,10 @@ fn setup() -> anyhow::Result<()> {
 
 /// Builds lb-agent and returns the binary's path.
 fn build(release: bool) -> anyhow::Result<PathBuf> {
-    step(&format!("building lb-agent{} (first build: a few minutes)", if release { " (release)" } else { "" }));
+    step(&format!(
+        "building lb-agent{} (first build: a few minutes)",
+        if release { " (release)" } else { "" }
+    ));
     let mut command = cargo();
     command.args(["build", "--package", "lb-agent"]);
     if release {
@@ -110,22 +120,47 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("building lb-agent failed (see above)");
     }
-    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("lb-agent"))
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("lb-agent"))
 }
 
-/// Unit tests of every crate and the end-to-end tests, in one cargo run.
+/// Unit tests of every crate, then the end-to-end tests (last, so their summary closes the run).
 fn test(args: &[String]) -> anyhow::Result<()> {
     let agent = build(false)?;
-    step("running unit and end-to-end tests");
-    let status = cargo()
-        .args(["test", "--package", "lb-common", "--package", "lb-agent", "--package", "xtask"])
-        .arg("--")
-        .args(args)
-        .env("LB_AGENT_BIN", &agent)
-        .status()
-        .context("running cargo test")?;
-    if !status.success() {
-        bail!("tests failed (see above)");
+    let runs: [(&str, &[&str]); 2] = [
+        (
+            "unit tests",
+            &[
+                "--package",
+                "lb-common",
+                "--package",
+                "lb-agent",
+                "--package",
+                "xtask",
+                "--lib",
+                "--bins",
+            ],
+        ),
+        (
+            "end-to-end tests (root: veth namespaces, BPF)",
+            &["--package", "xtask", "--test", "e2e"],
+        ),
+    ];
+    for (what, selection) in runs {
+        step(&format!("running {what}"));
+        let status = cargo()
+            .arg("test")
+            .args(selection)
+            .arg("--")
+            .args(args)
+            .env("LB_AGENT_BIN", &agent)
+            .status()
+            .context("running cargo test")?;
+        if !status.success() {
+            bail!("{what} failed (see above)");
+        }
     }
     Ok(())
 }

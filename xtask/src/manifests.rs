@@ -14,11 +14,21 @@ pub struct Port<'a> {
 
 impl<'a> Port<'a> {
     pub fn tcp(name: &'a str, port: u16, target: impl Into<Value>) -> Self {
-        Self { name, port, protocol: "TCP", target: target.into() }
+        Self {
+            name,
+            port,
+            protocol: "TCP",
+            target: target.into(),
+        }
     }
 
     pub fn udp(name: &'a str, port: u16, target: impl Into<Value>) -> Self {
-        Self { name, port, protocol: "UDP", target: target.into() }
+        Self {
+            name,
+            port,
+            protocol: "UDP",
+            target: target.into(),
+        }
     }
 }
 
@@ -46,7 +56,13 @@ pub struct Endpoint<'a> {
 
 impl<'a> Endpoint<'a> {
     pub fn ready(ip: Ipv4Addr, pod: &'a str) -> Self {
-        Self { ip, pod, ready: Some(true), serving: Some(true), terminating: Some(false) }
+        Self {
+            ip,
+            pod,
+            ready: Some(true),
+            serving: Some(true),
+            terminating: Some(false),
+        }
     }
 }
 
@@ -66,7 +82,11 @@ pub fn endpoint_slice(
         .iter()
         .map(|e| {
             let mut conditions = serde_json::Map::new();
-            for (key, value) in [("ready", e.ready), ("serving", e.serving), ("terminating", e.terminating)] {
+            for (key, value) in [
+                ("ready", e.ready),
+                ("serving", e.serving),
+                ("terminating", e.terminating),
+            ] {
                 if let Some(v) = value {
                     conditions.insert(key.into(), v.into());
                 }

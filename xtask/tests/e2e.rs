@@ -33,21 +33,47 @@ fn web() -> SocketAddr {
     SocketAddr::from((WEB_IP, 80))
 }
 
+type E2eTest = fn() -> anyhow::Result<()>;
+
 fn main() {
     let mut args = Arguments::from_args();
     // Each test has its own testbed; one at a time keeps timings honest on 2 cores.
     args.test_threads = Some(1);
-    let tests: Vec<(&str, fn() -> anyhow::Result<()>)> = vec![
+    let tests: Vec<(&str, E2eTest)> = vec![
         ("connects_spread_over_all_ready_backends", spread),
-        ("added_endpoints_get_traffic_within_1s_of_the_file_write", scale_up),
-        ("removed_endpoints_get_no_traffic_once_the_change_is_applied", scale_down),
-        ("service_without_endpoints_refuses_connects_within_10ms", no_endpoints),
-        ("other_destinations_and_processes_outside_the_cgroup_are_untouched", untouched),
-        ("connected_udp_socket_reaches_a_backend_and_gets_its_reply", udp),
-        ("named_target_ports_may_differ_between_slices", named_target_ports),
+        (
+            "added_endpoints_get_traffic_within_1s_of_the_file_write",
+            scale_up,
+        ),
+        (
+            "removed_endpoints_get_no_traffic_once_the_change_is_applied",
+            scale_down,
+        ),
+        (
+            "service_without_endpoints_refuses_connects_within_10ms",
+            no_endpoints,
+        ),
+        (
+            "other_destinations_and_processes_outside_the_cgroup_are_untouched",
+            untouched,
+        ),
+        (
+            "connected_udp_socket_reaches_a_backend_and_gets_its_reply",
+            udp,
+        ),
+        (
+            "named_target_ports_may_differ_between_slices",
+            named_target_ports,
+        ),
         ("connects_keep_working_while_the_agent_restarts", restart),
-        ("bad_manifests_are_reported_and_disturb_no_other_service", bad_input),
-        ("list_shows_the_maps_and_reset_removes_the_datapath", list_and_reset),
+        (
+            "bad_manifests_are_reported_and_disturb_no_other_service",
+            bad_input,
+        ),
+        (
+            "list_shows_the_maps_and_reset_removes_the_datapath",
+            list_and_reset,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -57,15 +83,28 @@ fn main() {
 }
 
 fn testbed(pods: &[PodSpec]) -> anyhow::Result<Testbed> {
-    Testbed::new(&agent::default_bin(), Path::new(env!("CARGO_BIN_EXE_xtask")), pods)
+    Testbed::new(
+        &agent::default_bin(),
+        Path::new(env!("CARGO_BIN_EXE_xtask")),
+        pods,
+    )
 }
 
 /// The `web` Service (port 80 → named targetPort `http`) and one slice with `pods` on 8080.
 fn web_manifest(pods: &[&PodSpec]) -> String {
-    let endpoints: Vec<Endpoint> = pods.iter().map(|p| Endpoint::ready(p.ip, &p.name)).collect();
+    let endpoints: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::ready(p.ip, &p.name))
+        .collect();
     manifests::documents(&[
         manifests::service("demo", "web", WEB_IP, &[Port::tcp("http", 80, "http")]),
-        manifests::endpoint_slice("demo", "web-abc12", "web", &[("http", HTTP, "TCP")], &endpoints),
+        manifests::endpoint_slice(
+            "demo",
+            "web-abc12",
+            "web",
+            &[("http", HTTP, "TCP")],
+            &endpoints,
+        ),
     ])
 }
 
@@ -75,7 +114,10 @@ fn answers(attempts: &[Attempt]) -> anyhow::Result<BTreeMap<String, usize>> {
     for a in attempts {
         match (&a.answer, &a.error) {
             (Some(name), _) => *counts.entry(name.clone()).or_default() += 1,
-            (None, error) => bail!("a connect failed: {error:?} (of {} attempts)", attempts.len()),
+            (None, error) => bail!(
+                "a connect failed: {error:?} (of {} attempts)",
+                attempts.len()
+            ),
         }
     }
     Ok(counts)
@@ -88,12 +130,20 @@ fn spread() -> anyhow::Result<()> {
     tb.start_agent()?;
 
     let attempts = tb.probe(&tb.probe_args(web(), 300))?;
-    ensure!(attempts.len() == 300, "the probe made {} attempts", attempts.len());
+    ensure!(
+        attempts.len() == 300,
+        "the probe made {} attempts",
+        attempts.len()
+    );
     let counts = answers(&attempts)?;
     ensure!(counts.len() == 3, "not every backend answered: {counts:?}");
     for (pod, n) in &counts {
         let share = *n as f64 / 300.0;
-        ensure!((0.20..=0.47).contains(&share), "{pod} got {:.0}% of connects: {counts:?}", share * 100.0);
+        ensure!(
+            (0.20..=0.47).contains(&share),
+            "{pod} got {:.0}% of connects: {counts:?}",
+            share * 100.0
+        );
     }
     Ok(())
 }
@@ -101,7 +151,10 @@ fn spread() -> anyhow::Result<()> {
 fn scale_up() -> anyhow::Result<()> {
     let pods = PodSpec::numbered("web", 5, &[HTTP]);
     let mut tb = testbed(&pods)?;
-    tb.write_manifest("web.yaml", &web_manifest(&pods[..3].iter().collect::<Vec<_>>()))?;
+    tb.write_manifest(
+        "web.yaml",
+        &web_manifest(&pods[..3].iter().collect::<Vec<_>>()),
+    )?;
     tb.start_agent()?;
 
     let mut args = tb.probe_args(web(), 100_000);
@@ -120,8 +173,14 @@ fn scale_up() -> anyhow::Result<()> {
             .find(|a| a.answer.as_deref() == Some(new))
             .with_context(|| format!("{new} never answered"))?;
         let after_ms = first.at_us.saturating_sub(written_at) as f64 / 1000.0;
-        ensure!(first.at_us >= written_at, "{new} answered before it was added");
-        ensure!(after_ms <= 1000.0, "{new} first answered {after_ms:.0} ms after the write");
+        ensure!(
+            first.at_us >= written_at,
+            "{new} answered before it was added"
+        );
+        ensure!(
+            after_ms <= 1000.0,
+            "{new} first answered {after_ms:.0} ms after the write"
+        );
         eprintln!("{new} first answered {after_ms:.0} ms after the file write");
     }
     Ok(())
@@ -134,7 +193,10 @@ fn scale_down() -> anyhow::Result<()> {
     tb.start_agent()?;
 
     let mark = tb.agent().mark();
-    tb.write_manifest("web.yaml", &web_manifest(&pods[..2].iter().collect::<Vec<_>>()))?;
+    tb.write_manifest(
+        "web.yaml",
+        &web_manifest(&pods[..2].iter().collect::<Vec<_>>()),
+    )?;
     let line = tb.agent().wait_for(SYNCED, mark, Duration::from_secs(5))?;
     ensure!(line.contains("updated=1"), "unexpected sync: {line}");
 
@@ -143,7 +205,10 @@ fn scale_down() -> anyhow::Result<()> {
         counts.keys().all(|pod| pod == "web-1" || pod == "web-2"),
         "a removed backend was reached after the agent applied the change: {counts:?}"
     );
-    ensure!(counts.len() == 2, "both remaining backends should answer: {counts:?}");
+    ensure!(
+        counts.len() == 2,
+        "both remaining backends should answer: {counts:?}"
+    );
     Ok(())
 }
 
@@ -158,7 +223,10 @@ fn no_endpoints() -> anyhow::Result<()> {
     let attempts = tb.probe(&tb.probe_args(SocketAddr::from((EMPTY_IP, 6379)), 20))?;
     ensure!(attempts.len() == 20);
     for a in &attempts {
-        ensure!(a.error.as_deref() == Some("ECONNREFUSED"), "expected ECONNREFUSED, got {a:?}");
+        ensure!(
+            a.error.as_deref() == Some("ECONNREFUSED"),
+            "expected ECONNREFUSED, got {a:?}"
+        );
         ensure!(a.connect_us < 10_000, "refusal took {} µs", a.connect_us);
     }
     let slowest = attempts.iter().map(|a| a.connect_us).max().unwrap_or(0);
@@ -174,13 +242,18 @@ fn untouched() -> anyhow::Result<()> {
 
     // A pod IP is not a frontend: every connect goes exactly there.
     let direct = answers(&tb.probe(&tb.probe_args(SocketAddr::from((pods[1].ip, HTTP)), 30))?)?;
-    ensure!(direct.keys().eq(["web-2"]), "direct connects were redirected: {direct:?}");
+    ensure!(
+        direct.keys().eq(["web-2"]),
+        "direct connects were redirected: {direct:?}"
+    );
 
     // The ClusterIP on a port the Service does not have: not rewritten, so the client
     // namespace's unreachable route answers.
     let other_port = tb.probe(&tb.probe_args(SocketAddr::from((WEB_IP, 81)), 5))?;
     ensure!(
-        other_port.iter().all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
+        other_port
+            .iter()
+            .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
         "port 81 was touched: {other_port:?}"
     );
 
@@ -189,7 +262,9 @@ fn untouched() -> anyhow::Result<()> {
     outside.cgroup = None;
     let outside = tb.probe(&outside)?;
     ensure!(
-        outside.iter().all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
+        outside
+            .iter()
+            .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
         "a process outside the cgroup was load-balanced: {outside:?}"
     );
 
@@ -201,15 +276,27 @@ fn untouched() -> anyhow::Result<()> {
 fn udp() -> anyhow::Result<()> {
     let pods: Vec<PodSpec> = PodSpec::numbered("dns", 3, &[])
         .into_iter()
-        .map(|p| PodSpec { udp_ports: vec![5353], ..p })
+        .map(|p| PodSpec {
+            udp_ports: vec![5353],
+            ..p
+        })
         .collect();
     let mut tb = testbed(&pods)?;
-    let endpoints: Vec<Endpoint> = pods.iter().map(|p| Endpoint::ready(p.ip, &p.name)).collect();
+    let endpoints: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::ready(p.ip, &p.name))
+        .collect();
     tb.write_manifest(
         "dns.yaml",
         &manifests::documents(&[
             manifests::service("kube-system", "dns", DNS_IP, &[Port::udp("dns", 53, "dns")]),
-            manifests::endpoint_slice("kube-system", "dns-1", "dns", &[("dns", 5353, "UDP")], &endpoints),
+            manifests::endpoint_slice(
+                "kube-system",
+                "dns-1",
+                "dns",
+                &[("dns", 5353, "UDP")],
+                &endpoints,
+            ),
         ]),
     )?;
     tb.start_agent()?;
@@ -226,7 +313,10 @@ fn named_target_ports() -> anyhow::Result<()> {
     let mut pods = PodSpec::numbered("web", 3, &[HTTP]);
     pods[2].tcp_ports = vec![9090];
     let mut tb = testbed(&pods)?;
-    let old: Vec<Endpoint> = pods[..2].iter().map(|p| Endpoint::ready(p.ip, &p.name)).collect();
+    let old: Vec<Endpoint> = pods[..2]
+        .iter()
+        .map(|p| Endpoint::ready(p.ip, &p.name))
+        .collect();
     let new = [Endpoint::ready(pods[2].ip, &pods[2].name)];
     tb.write_manifest(
         "web.yaml",
@@ -239,7 +329,10 @@ fn named_target_ports() -> anyhow::Result<()> {
     tb.start_agent()?;
 
     let counts = answers(&tb.probe(&tb.probe_args(web(), 150))?)?;
-    ensure!(counts.len() == 3, "every pod should answer on its own port: {counts:?}");
+    ensure!(
+        counts.len() == 3,
+        "every pod should answer on its own port: {counts:?}"
+    );
     Ok(())
 }
 
@@ -263,16 +356,34 @@ fn restart() -> anyhow::Result<()> {
 
     let counts = answers(&attempts).context("across the agent's restart")?;
     ensure!(counts.len() == 3, "{counts:?}");
-    let while_down = attempts.iter().filter(|a| (stopped_at..restarted_at).contains(&a.at_us)).count();
-    ensure!(while_down >= 20, "only {while_down} connects were made while the agent was down");
-    let adopted = tb.agent().lines().into_iter().find(|l| l.contains("adopted the pinned maps"));
+    let while_down = attempts
+        .iter()
+        .filter(|a| (stopped_at..restarted_at).contains(&a.at_us))
+        .count();
     ensure!(
-        adopted.as_deref().is_some_and(|l| l.contains("frontends=1")),
+        while_down >= 20,
+        "only {while_down} connects were made while the agent was down"
+    );
+    let adopted = tb
+        .agent()
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("adopted the pinned maps"));
+    ensure!(
+        adopted
+            .as_deref()
+            .is_some_and(|l| l.contains("frontends=1")),
         "the restarted agent should adopt the pinned frontend: {adopted:?}"
     );
     let synced = tb.agent().wait_for(SYNCED, 0, Duration::from_secs(1))?;
-    ensure!(synced.contains("added=0 updated=0 removed=0"), "the restart rewrote maps: {synced}");
-    eprintln!("{} connects, {while_down} while the agent was down, none failed", attempts.len());
+    ensure!(
+        synced.contains("added=0 updated=0 removed=0"),
+        "the restart rewrote maps: {synced}"
+    );
+    eprintln!(
+        "{} connects, {while_down} while the agent was down, none failed",
+        attempts.len()
+    );
     Ok(())
 }
 
@@ -284,25 +395,49 @@ fn bad_input() -> anyhow::Result<()> {
 
     // Junk YAML in a new file, and a Service with a port out of range in another.
     let mark = tb.agent().mark();
-    tb.write_manifest("junk.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n")?;
+    tb.write_manifest(
+        "junk.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n",
+    )?;
     tb.write_manifest(
         "odd.yaml",
-        &manifests::service("demo", "odd", Ipv4Addr::new(10, 96, 0, 30), &[Port::tcp("http", 80, 80)])
-            .replace("port: 80\n", "port: 70000\n"),
+        &manifests::service(
+            "demo",
+            "odd",
+            Ipv4Addr::new(10, 96, 0, 30),
+            &[Port::tcp("http", 80, 80)],
+        )
+        .replace("port: 80\n", "port: 70000\n"),
     )?;
     tb.agent().wait_for(SYNCED, mark, Duration::from_secs(5))?;
     // The files may be seen in one sync or two; wait until both are reported.
-    tb.agent().wait_for("odd.yaml", mark, Duration::from_secs(5))?;
-    let junk = tb.agent().wait_for("junk.yaml", mark, Duration::from_secs(5))?;
+    tb.agent()
+        .wait_for("odd.yaml", mark, Duration::from_secs(5))?;
+    let junk = tb
+        .agent()
+        .wait_for("junk.yaml", mark, Duration::from_secs(5))?;
     ensure!(junk.contains("not valid YAML"), "{junk}");
-    let odd = tb.agent().wait_for("Service demo/odd", mark, Duration::from_secs(5))?;
-    ensure!(odd.contains("odd.yaml") && odd.contains("spec.ports[0].port") && odd.contains("70000"), "{odd}");
+    let odd = tb
+        .agent()
+        .wait_for("Service demo/odd", mark, Duration::from_secs(5))?;
+    ensure!(
+        odd.contains("odd.yaml") && odd.contains("spec.ports[0].port") && odd.contains("70000"),
+        "{odd}"
+    );
 
     // The web Service's own file turns bad: its previous version stays in force.
     let mark = tb.agent().mark();
-    tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()).replace("port: 8080", "port: http-alt"))?;
-    let line = tb.agent().wait_for("EndpointSlice demo/web-abc12", mark, Duration::from_secs(5))?;
-    ensure!(line.contains("ports[0].port") && line.contains("keeping its previous version"), "{line}");
+    tb.write_manifest(
+        "web.yaml",
+        &web_manifest(&pods.iter().collect::<Vec<_>>()).replace("port: 8080", "port: http-alt"),
+    )?;
+    let line = tb
+        .agent()
+        .wait_for("EndpointSlice demo/web-abc12", mark, Duration::from_secs(5))?;
+    ensure!(
+        line.contains("ports[0].port") && line.contains("keeping its previous version"),
+        "{line}"
+    );
 
     ensure!(tb.agent().is_running(), "the agent stopped on bad input");
     let counts = answers(&tb.probe(&tb.probe_args(web(), 40))?)?;
@@ -318,12 +453,18 @@ fn list_and_reset() -> anyhow::Result<()> {
         &format!(
             "{}{}",
             web_manifest(&pods.iter().collect::<Vec<_>>()),
-            manifests::documents(&[manifests::service("demo", "cache", EMPTY_IP, &[Port::tcp("redis", 6379, 6379)])])
+            manifests::documents(&[manifests::service(
+                "demo",
+                "cache",
+                EMPTY_IP,
+                &[Port::tcp("redis", 6379, 6379)]
+            )])
         ),
     )?;
     tb.start_agent()?;
 
-    let json: serde_json::Value = serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)?;
     let expected = serde_json::json!({"frontends": [
         {
             "service": {"namespace": "demo", "name": "cache", "port": "redis"},
@@ -342,7 +483,9 @@ fn list_and_reset() -> anyhow::Result<()> {
     ensure!(json == expected, "lb-agent list -o json:\n{json:#}");
     let table = tb.agent_command(&["list"])?;
     ensure!(
-        table.lines().any(|l| l.starts_with("demo/web:http") && l.contains("10.96.0.10:80/TCP") && l.contains("10.244.1.1:8080, 10.244.1.2:8080")),
+        table.lines().any(|l| l.starts_with("demo/web:http")
+            && l.contains("10.96.0.10:80/TCP")
+            && l.contains("10.244.1.1:8080, 10.244.1.2:8080")),
         "lb-agent list:\n{table}"
     );
 
@@ -351,10 +494,16 @@ fn list_and_reset() -> anyhow::Result<()> {
     tb.stop_agent()?;
     answers(&tb.probe(&tb.probe_args(web(), 5))?).context("with the agent stopped")?;
     tb.agent_command(&["reset"])?;
-    ensure!(!tb.pin_dir().exists(), "reset left {}", tb.pin_dir().display());
+    ensure!(
+        !tb.pin_dir().exists(),
+        "reset left {}",
+        tb.pin_dir().display()
+    );
     let after = tb.probe(&tb.probe_args(web(), 3))?;
     ensure!(
-        after.iter().all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
+        after
+            .iter()
+            .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
         "connects were still rewritten after reset: {after:?}"
     );
     Ok(())

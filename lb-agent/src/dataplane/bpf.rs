@@ -91,10 +91,7 @@ impl BpfMaps {
     }
 }
 
-fn typed<K: aya::Pod, V: aya::Pod>(
-    map: Map,
-    name: &str,
-) -> anyhow::Result<HashMap<MapData, K, V>> {
+fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
     HashMap::try_from(map).with_context(|| {
         format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
     })
@@ -167,6 +164,11 @@ pub fn load_and_attach(
     cgroup: &Path,
     log_level: aya_log::Level,
 ) -> anyhow::Result<Loaded> {
+    if EBPF_OBJECT.is_empty() {
+        bail!(
+            "this lb-agent was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it with `xtask/run build`"
+        );
+    }
     ensure_bpffs(pin_dir)?;
     fs::create_dir_all(pin_dir)
         .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
@@ -188,7 +190,9 @@ pub fn load_and_attach(
         .program_mut(CONNECT4_PROGRAM)
         .context("the eBPF object has no lb_connect4 program")?
         .try_into()?;
-    program.load().context("loading lb_connect4 into the kernel")?;
+    program
+        .load()
+        .context("loading lb_connect4 into the kernel")?;
     let cgroup_dir = fs::File::open(cgroup).with_context(|| {
         format!(
             "opening cgroup {}; pass --cgroup with a cgroup v2 directory",
@@ -225,8 +229,16 @@ pub fn load_and_attach(
 /// entry.
 fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
     let expected = [
-        (SERVICES_MAP, size_of::<Frontend4Key>(), size_of::<ServiceEntry>()),
-        (BACKENDS_MAP, size_of::<BackendSlotKey>(), size_of::<Backend4>()),
+        (
+            SERVICES_MAP,
+            size_of::<Frontend4Key>(),
+            size_of::<ServiceEntry>(),
+        ),
+        (
+            BACKENDS_MAP,
+            size_of::<BackendSlotKey>(),
+            size_of::<Backend4>(),
+        ),
         (NAMES_MAP, size_of::<u32>(), size_of::<ServiceName>()),
     ];
     for (name, key_size, value_size) in expected {

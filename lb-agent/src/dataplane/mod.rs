@@ -180,7 +180,14 @@ impl<S: MapStore> Dataplane<S> {
         for (frontend, entry) in snapshot.services {
             let id = entry.service_id;
             let slots = (0..u32::from(entry.backend_count))
-                .map(|slot| backends.get(&BackendSlotKey { service_id: id, slot }).copied())
+                .map(|slot| {
+                    backends
+                        .get(&BackendSlotKey {
+                            service_id: id,
+                            slot,
+                        })
+                        .copied()
+                })
                 .collect();
             let name = names
                 .get(&id)

@@ -132,7 +132,9 @@ fn update(
     if slots.len() != current.slots.len() {
         writes.push(Write::PutService(frontend, entry(id, slots.len())));
     }
-    writes.extend((slots.len()..current.slots.len()).map(|slot| Write::DeleteBackend(slot_key(id, slot))));
+    writes.extend(
+        (slots.len()..current.slots.len()).map(|slot| Write::DeleteBackend(slot_key(id, slot))),
+    );
     if writes.is_empty() {
         return None;
     }
@@ -256,13 +258,25 @@ mod tests {
     #[test]
     fn relayout_keeps_survivors_in_place() {
         // 2 replaced by 4: 1 and 3 stay where they were.
-        assert_eq!(lasts(&relayout(&current(&[1, 2, 3]), &set(&[1, 3, 4]))), [1, 4, 3]);
+        assert_eq!(
+            lasts(&relayout(&current(&[1, 2, 3]), &set(&[1, 3, 4]))),
+            [1, 4, 3]
+        );
         // growth appends
-        assert_eq!(lasts(&relayout(&current(&[3, 1]), &set(&[1, 2, 3]))), [3, 1, 2]);
+        assert_eq!(
+            lasts(&relayout(&current(&[3, 1]), &set(&[1, 2, 3]))),
+            [3, 1, 2]
+        );
         // shrink moves the last survivor into the hole
-        assert_eq!(lasts(&relayout(&current(&[1, 2, 3, 4, 5]), &set(&[3, 5]))), [5, 3]);
+        assert_eq!(
+            lasts(&relayout(&current(&[1, 2, 3, 4, 5]), &set(&[3, 5]))),
+            [5, 3]
+        );
         assert_eq!(lasts(&relayout(&current(&[1, 2, 3]), &set(&[1]))), [1]);
-        assert_eq!(lasts(&relayout(&current(&[1, 2]), &set(&[]))), Vec::<u8>::new());
+        assert_eq!(
+            lasts(&relayout(&current(&[1, 2]), &set(&[]))),
+            Vec::<u8>::new()
+        );
         // a slot the maps lacked is refilled
         assert_eq!(lasts(&relayout(&[Some(b(1)), None], &set(&[1, 2]))), [1, 2]);
     }
@@ -285,15 +299,35 @@ mod tests {
             },
         )]
         .into();
-        let same: Wanted = [(fe, WantedFrontend { name, backends: set(&[1, 2, 3]) })].into();
+        let same: Wanted = [(
+            fe,
+            WantedFrontend {
+                name,
+                backends: set(&[1, 2, 3]),
+            },
+        )]
+        .into();
         assert!(plan(&programmed, &same).is_empty());
 
-        let swapped: Wanted = [(fe, WantedFrontend { name, backends: set(&[1, 2, 4]) })].into();
+        let swapped: Wanted = [(
+            fe,
+            WantedFrontend {
+                name,
+                backends: set(&[1, 2, 4]),
+            },
+        )]
+        .into();
         let changes = plan(&programmed, &swapped);
         assert_eq!(changes.len(), 1);
         assert_eq!(
             changes[0].writes,
-            [Write::PutBackend(BackendSlotKey { service_id: 7, slot: 2 }, b(4))]
+            [Write::PutBackend(
+                BackendSlotKey {
+                    service_id: 7,
+                    slot: 2
+                },
+                b(4)
+            )]
         );
     }
 }

@@ -145,7 +145,11 @@ fn step(dp: &mut Dataplane<MemStore>, next: &[(u16, &[u8])]) -> ApplyReport {
         allowed.extend(lasts.iter().map(|&l| backend4(l)));
     }
     let report = dp.apply(&desired(next));
-    assert_eq!(dp.store.violations, Vec::<String>::new(), "a connect saw a bad set");
+    assert_eq!(
+        dp.store.violations,
+        Vec::<String>::new(),
+        "a connect saw a bad set"
+    );
     for (port, lasts) in next {
         let want: BTreeSet<Backend4> = lasts.iter().map(|&l| backend4(l)).collect();
         assert_eq!(dp.store.reachable(*port), Some(want.clone()));
@@ -165,9 +169,17 @@ fn scaling_never_exposes_a_missing_or_foreign_slot() {
     step(&mut dp, &[(80, &[]), (81, &[])]);
     let r = step(&mut dp, &[(81, &[1])]);
     assert_eq!((r.added, r.updated, r.removed), (0, 1, 1));
-    assert_eq!(dp.store.reachable(80), None, "removed frontend no longer matches");
+    assert_eq!(
+        dp.store.reachable(80),
+        None,
+        "removed frontend no longer matches"
+    );
     assert_eq!(dp.store.services.len(), 1);
-    assert_eq!(dp.store.backends.len(), 1, "no slot of a removed or shrunk set is left");
+    assert_eq!(
+        dp.store.backends.len(),
+        1,
+        "no slot of a removed or shrunk set is left"
+    );
     assert_eq!(dp.store.names.len(), 1);
 }
 
@@ -197,15 +209,40 @@ fn adopting_maps_keeps_them_and_removes_only_unreachable_entries() {
     let mut store = std::mem::take(&mut first.store);
     // Leftovers of an agent that stopped mid-change: a slot above a count, an unknown id's slot
     // and name.
-    let id80 = store.services.iter().find(|(k, _)| k.port == 80).unwrap().1.service_id;
-    store.backends.insert(BackendSlotKey { service_id: id80, slot: 3 }, backend4(9));
-    store.backends.insert(BackendSlotKey { service_id: 999, slot: 0 }, backend4(9));
+    let id80 = store
+        .services
+        .iter()
+        .find(|(k, _)| k.port == 80)
+        .unwrap()
+        .1
+        .service_id;
+    store.backends.insert(
+        BackendSlotKey {
+            service_id: id80,
+            slot: 3,
+        },
+        backend4(9),
+    );
+    store.backends.insert(
+        BackendSlotKey {
+            service_id: 999,
+            slot: 0,
+        },
+        backend4(9),
+    );
     store.names.insert(999, ServiceName::new("x", "y", ""));
     let services_before = store.services.clone();
 
     let mut second = Dataplane::adopt(store).unwrap();
-    assert_eq!(second.store.services, services_before, "adoption changes no service");
-    assert_eq!(second.store.backends.len(), 4, "the two unreachable slots are gone");
+    assert_eq!(
+        second.store.services, services_before,
+        "adoption changes no service"
+    );
+    assert_eq!(
+        second.store.backends.len(),
+        4,
+        "the two unreachable slots are gone"
+    );
     assert!(!second.store.names.contains_key(&999));
 
     let writes = second.store.writes;
@@ -219,7 +256,11 @@ fn a_failing_frontend_is_reported_and_the_others_still_change() {
     let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
     step(&mut dp, &[(80, &[1]), (81, &[2])]);
     dp.store.fail_port = Some(81);
-    dp.store.allowed.get_mut(&81).unwrap().extend([backend4(3), backend4(4)]);
+    dp.store
+        .allowed
+        .get_mut(&81)
+        .unwrap()
+        .extend([backend4(3), backend4(4)]);
     dp.store.allowed.get_mut(&80).unwrap().insert(backend4(5));
     let r = dp.apply(&desired(&[(80, &[5]), (81, &[3, 4])]));
     assert_eq!(r.failed.len(), 1);

@@ -209,7 +209,10 @@ pub fn translate<'a>(
                     problems.push(Problem::new(
                         ObjectRef::service(svc),
                         "spec.clusterIP",
-                        format!("frontend {frontend} is already used by Service {}", owner.service),
+                        format!(
+                            "frontend {frontend} is already used by Service {}",
+                            owner.service
+                        ),
                     ));
                     continue;
                 }

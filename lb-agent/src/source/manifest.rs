@@ -24,8 +24,8 @@ use crate::model::ObjectRef;
 /// A Service or EndpointSlice read from a file.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
 
 /// Kind, namespace and name: what `kubectl` considers the same object.
@@ -114,8 +114,8 @@ impl ManifestSource {
             return Ok(vec![self.root.clone()]);
         }
         let mut paths = Vec::new();
-        for entry in fs::read_dir(&self.root)
-            .with_context(|| format!("listing {}", self.root.display()))?
+        for entry in
+            fs::read_dir(&self.root).with_context(|| format!("listing {}", self.root.display()))?
         {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -176,8 +176,8 @@ impl ManifestSource {
         }
         for (key, (path, object)) in latest {
             match object {
-                Object::Service(s) => snapshot.services.push(s.clone()),
-                Object::EndpointSlice(s) => snapshot.slices.push(s.clone()),
+                Object::Service(s) => snapshot.services.push(Service::clone(s)),
+                Object::EndpointSlice(s) => snapshot.slices.push(EndpointSlice::clone(s)),
             }
             snapshot.origins.insert(key, path.clone());
         }
@@ -285,7 +285,11 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
         "Service" => "Service",
         "EndpointSlice" => "EndpointSlice",
         other => {
-            debug!(kind = other, ?name, "ignoring object of a kind lb does not use");
+            debug!(
+                kind = other,
+                ?name,
+                "ignoring object of a kind lb does not use"
+            );
             return Ok(None);
         }
     };
@@ -301,7 +305,9 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
     if api_version != expected_version {
         return Err((
             key,
-            format!("apiVersion: {api_version} is not supported for {kind}; use {expected_version}"),
+            format!(
+                "apiVersion: {api_version} is not supported for {kind}; use {expected_version}"
+            ),
         ));
     }
     let Some(key) = key else {
@@ -311,11 +317,11 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
     let object = match kind {
         "Service" => deserialize::<Service>(value).map(|mut s| {
             s.metadata.namespace = Some(namespace);
-            Object::Service(s)
+            Object::Service(Box::new(s))
         }),
         _ => deserialize::<EndpointSlice>(value).map(|mut s| {
             s.metadata.namespace = Some(namespace);
-            Object::EndpointSlice(s)
+            Object::EndpointSlice(Box::new(s))
         }),
     };
     match object {
@@ -356,7 +362,11 @@ mod tests {
             .iter()
             .map(|s| {
                 let m = &s.metadata;
-                format!("{}/{}", m.namespace.as_deref().unwrap(), m.name.as_deref().unwrap())
+                format!(
+                    "{}/{}",
+                    m.namespace.as_deref().unwrap(),
+                    m.name.as_deref().unwrap()
+                )
             })
             .collect()
     }
@@ -385,7 +395,13 @@ mod tests {
             serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(API).unwrap())
                 .unwrap()
         );
-        write(&dir, "a.yaml", &format!("{WEB}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n---\n"));
+        write(
+            &dir,
+            "a.yaml",
+            &format!(
+                "{WEB}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n---\n"
+            ),
+        );
         write(&dir, "b.yml", &list);
         write(&dir, ".b.yml.swp", "junk: [");
         write(&dir, "notes.txt", "junk: [");
@@ -411,13 +427,23 @@ mod tests {
         let mut source = ManifestSource::new(&dir).unwrap();
         assert_eq!(source.load().unwrap().services.len(), 2);
 
-        write(&dir, "a.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
+        write(
+            &dir,
+            "a.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+        );
         let snapshot = source.load().unwrap();
         assert_eq!(service_names(&snapshot), ["default/api", "shop/web"]);
         assert_eq!(snapshot.errors.len(), 1);
         let message = snapshot.errors[0].to_string();
-        assert!(message.starts_with(&format!("{}: not valid YAML", dir.join("a.yaml").display())), "{message}");
-        assert!(message.contains("keeping what this file defined before"), "{message}");
+        assert!(
+            message.starts_with(&format!("{}: not valid YAML", dir.join("a.yaml").display())),
+            "{message}"
+        );
+        assert!(
+            message.contains("keeping what this file defined before"),
+            "{message}"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -433,7 +459,10 @@ mod tests {
         let snapshot = source.load().unwrap();
         assert_eq!(service_names(&snapshot), ["default/api", "shop/web"]);
         let web = &snapshot.services[1];
-        assert_eq!(web.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port, 80);
+        assert_eq!(
+            web.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+            80
+        );
         let message = snapshot.errors[0].to_string();
         assert!(
             message.starts_with(&format!(
@@ -442,15 +471,23 @@ mod tests {
             )),
             "{message}"
         );
-        assert!(message.ends_with("keeping its previous version"), "{message}");
+        assert!(
+            message.ends_with("keeping its previous version"),
+            "{message}"
+        );
 
         // A new object that is bad from the start is skipped.
         let bad_new = bad.replace("name: web", "name: fresh");
         write(&dir, "b.yaml", &bad_new);
         let snapshot = source.load().unwrap();
         assert_eq!(snapshot.services.len(), 2);
-        assert!(snapshot.errors.iter().any(|e| e.to_string().contains("(Service shop/fresh)")
-            && e.to_string().ends_with("skipped")));
+        assert!(
+            snapshot
+                .errors
+                .iter()
+                .any(|e| e.to_string().contains("(Service shop/fresh)")
+                    && e.to_string().ends_with("skipped"))
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -466,8 +503,16 @@ mod tests {
         let snapshot = ManifestSource::new(&dir).unwrap().load().unwrap();
         let messages: Vec<String> = snapshot.errors.iter().map(ToString::to_string).collect();
         assert_eq!(messages.len(), 2, "{messages:?}");
-        assert!(messages[0].contains("(EndpointSlice default/s): apiVersion: discovery.k8s.io/v1beta1 is not supported"), "{messages:?}");
-        assert!(messages[1].contains("document 2: not a Kubernetes object"), "{messages:?}");
+        assert!(
+            messages[0].contains(
+                "(EndpointSlice default/s): apiVersion: discovery.k8s.io/v1beta1 is not supported"
+            ),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].contains("document 2: not a Kubernetes object"),
+            "{messages:?}"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -39,7 +39,10 @@ impl Agent {
             .arg(cgroup)
             .arg("--pin-dir")
             .arg(pin_dir)
-            .env("RUST_LOG", std::env::var("LB_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("LB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -57,7 +60,11 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        Ok(Self { child, lines, _kill: kill })
+        Ok(Self {
+            child,
+            lines,
+            _kill: kill,
+        })
     }
 
     /// Number of lines logged so far: pass it to [`wait_for`](Self::wait_for) to wait for a line
@@ -71,17 +78,35 @@ impl Agent {
     }
 
     /// Waits for a line containing `needle`, logged at or after `mark`.
-    pub fn wait_for(&mut self, needle: &str, mark: usize, timeout: Duration) -> anyhow::Result<String> {
+    pub fn wait_for(
+        &mut self,
+        needle: &str,
+        mark: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self.lines.lock().unwrap().iter().skip(mark).find(|l| l.contains(needle)) {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(mark)
+                .find(|l| l.contains(needle))
+            {
                 return Ok(line.clone());
             }
             if let Some(status) = self.child.try_wait()? {
-                bail!("lb-agent exited ({status}) before logging {needle:?}:\n{}", self.lines().join("\n"));
+                bail!(
+                    "lb-agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.lines().join("\n")
+                );
             }
             if Instant::now() >= deadline {
-                bail!("lb-agent did not log {needle:?} within {timeout:?}:\n{}", self.lines().join("\n"));
+                bail!(
+                    "lb-agent did not log {needle:?} within {timeout:?}:\n{}",
+                    self.lines().join("\n")
+                );
             }
             thread::sleep(Duration::from_millis(5));
         }

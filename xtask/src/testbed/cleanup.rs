@@ -133,7 +133,9 @@ pub fn sweep_stale(cgroup_root: &Path) {
             let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
             match pid.parse::<i32>() {
                 // SAFETY: signal 0 only checks for existence.
-                Ok(pid) => unsafe { libc::kill(pid, 0) != 0 && *libc::__errno_location() == libc::ESRCH },
+                Ok(pid) => unsafe {
+                    libc::kill(pid, 0) != 0 && *libc::__errno_location() == libc::ESRCH
+                },
                 Err(_) => false,
             }
         };

@@ -81,14 +81,24 @@ impl Testbed {
     /// executable with the `probe` subcommand (xtask).
     pub fn new(agent_bin: &Path, probe_bin: &Path, pods: &[PodSpec]) -> anyhow::Result<Self> {
         if unsafe { libc::geteuid() } != 0 {
-            bail!("the testbed needs root (network namespaces, cgroups, BPF): run `xtask/run test` as root");
+            bail!(
+                "the testbed needs root (network namespaces, cgroups, BPF): run `xtask/run test` as root"
+            );
         }
         if !agent_bin.exists() {
-            bail!("{} not found: build it first (`cargo build -p lb-agent`; `xtask/run test` does)", agent_bin.display());
+            bail!(
+                "{} not found: build it first (`cargo build -p lb-agent`; `xtask/run test` does)",
+                agent_bin.display()
+            );
         }
         let cgroup_root = cgroup2_root()?;
         cleanup::sweep_stale(&cgroup_root);
-        let id = format!("{}{}-{}", cleanup::PREFIX, std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{}{}-{}",
+            cleanup::PREFIX,
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
 
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir)?;
@@ -103,12 +113,19 @@ impl Testbed {
         let bpffs_guard = cleanup::register(Undo::Unmount(bpffs.clone()));
 
         let cgroup = cgroup_root.join(&id);
-        std::fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        std::fs::create_dir(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let cgroup_guard = cleanup::register(Undo::Cgroup(cgroup.clone()));
 
         let client = Netns::create(&format!("{id}-c"))?;
         client.ip(&["link", "add", "br0", "type", "bridge"])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_IP}/{POD_PREFIX_LEN}"), "dev", "br0"])?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/{POD_PREFIX_LEN}"),
+            "dev",
+            "br0",
+        ])?;
         client.ip(&["link", "set", "br0", "up"])?;
         client.ip(&["route", "add", "unreachable", SERVICE_CIDR])?;
 
@@ -142,9 +159,27 @@ impl Testbed {
         let index = self.pods.len() + 1;
         let ns = Netns::create(&format!("{}-p{index}", self.id))?;
         let veth = format!("vp{index}");
-        self.client.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
-        self.client.ip(&["link", "set", &veth, "master", "br0", "up"])?;
-        ns.ip(&["addr", "add", &format!("{}/{POD_PREFIX_LEN}", pod.ip), "dev", "eth0"])?;
+        self.client.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.client
+            .ip(&["link", "set", &veth, "master", "br0", "up"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/{POD_PREFIX_LEN}", pod.ip),
+            "dev",
+            "eth0",
+        ])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         let server = PodServer::start(ns.name(), &pod.name, &pod.tcp_ports, &pod.udp_ports)?;
         self.pods.push((pod, server, ns));
@@ -184,13 +219,21 @@ impl Testbed {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let mut agent = Agent::start(&self.agent_bin, &self.manifests, &self.cgroup, &self.pin_dir, self.echo_agent)?;
+        let mut agent = Agent::start(
+            &self.agent_bin,
+            &self.manifests,
+            &self.cgroup,
+            &self.pin_dir,
+            self.echo_agent,
+        )?;
         agent.wait_for(agent::SYNCED, 0, Duration::from_secs(20))?;
         Ok(self.agent.insert(agent))
     }
 
     pub fn agent(&mut self) -> &mut Agent {
-        self.agent.as_mut().expect("the agent is not running: call start_agent first")
+        self.agent
+            .as_mut()
+            .expect("the agent is not running: call start_agent first")
     }
 
     /// Stops the agent with SIGTERM (the datapath stays attached).
@@ -252,9 +295,18 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
 fn mount_bpffs(target: &Path) -> anyhow::Result<()> {
     let target_c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())?;
     // SAFETY: valid NUL-terminated strings; no data.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target_c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target_c.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("mounting a BPF filesystem at {}", target.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting a BPF filesystem at {}", target.display()));
     }
     Ok(())
 }

@@ -28,7 +28,12 @@ pub struct PodServer {
 
 impl PodServer {
     /// Starts listening on every port (all addresses of `netns`); returns once all are bound.
-    pub fn start(netns: &str, name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> anyhow::Result<Self> {
+    pub fn start(
+        netns: &str,
+        name: &str,
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+    ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
@@ -37,7 +42,12 @@ impl PodServer {
             .map(|&p| (p, true))
             .chain(udp_ports.iter().map(|&p| (p, false)));
         for (port, tcp) in ports {
-            let (netns, name, stop, ready) = (netns.to_owned(), name.to_owned(), stop.clone(), ready_tx.clone());
+            let (netns, name, stop, ready) = (
+                netns.to_owned(),
+                name.to_owned(),
+                stop.clone(),
+                ready_tx.clone(),
+            );
             threads.push(thread::spawn(move || {
                 let bound = netns::enter(&netns).and_then(|()| {
                     if tcp {
@@ -68,7 +78,9 @@ impl PodServer {
         let expected = threads.len();
         let server = Self { stop, threads };
         for _ in 0..expected {
-            ready_rx.recv().context("a server thread died before binding")??;
+            ready_rx
+                .recv()
+                .context("a server thread died before binding")??;
         }
         Ok(server)
     }

@@ -61,7 +61,10 @@ pub struct Attempt {
 }
 
 pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
 }
 
 /// The probe process: joins the cgroup, enters the namespace, prints one JSON line per attempt.
@@ -83,7 +86,11 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
         if Instant::now() >= deadline {
             break;
         }
-        let attempt = if args.udp { udp(args.target) } else { tcp(args.target) };
+        let attempt = if args.udp {
+            udp(args.target)
+        } else {
+            tcp(args.target)
+        };
         writeln!(out, "{}", serde_json::to_string(&attempt)?)?;
         if args.interval_ms > 0 {
             std::thread::sleep(Duration::from_millis(args.interval_ms));
@@ -104,20 +111,22 @@ fn tcp(target: SocketAddr) -> Attempt {
     let started = Instant::now();
     let connected = TcpStream::connect_timeout(&target, IO_TIMEOUT);
     let connect_us = started.elapsed().as_micros() as u64;
-    let result = connected.map_err(|e| errno_name(&e)).and_then(|mut stream| {
-        let exchange = || -> std::io::Result<String> {
-            stream.set_read_timeout(Some(IO_TIMEOUT))?;
-            stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")?;
-            let mut response = String::new();
-            stream.take(64 * 1024).read_to_string(&mut response)?;
-            Ok(response)
-        };
-        let response = exchange().map_err(|e| errno_name(&e))?;
-        match response.split_once("\r\n\r\n") {
-            Some((_, body)) => Ok(body.trim().to_owned()),
-            None => Err(format!("not an HTTP answer: {response:?}")),
-        }
-    });
+    let result = connected
+        .map_err(|e| errno_name(&e))
+        .and_then(|mut stream| {
+            let exchange = || -> std::io::Result<String> {
+                stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+                let mut response = String::new();
+                stream.take(64 * 1024).read_to_string(&mut response)?;
+                Ok(response)
+            };
+            let response = exchange().map_err(|e| errno_name(&e))?;
+            match response.split_once("\r\n\r\n") {
+                Some((_, body)) => Ok(body.trim().to_owned()),
+                None => Err(format!("not an HTTP answer: {response:?}")),
+            }
+        });
     attempt(at_us, connect_us, result)
 }
 
@@ -146,8 +155,18 @@ fn udp(target: SocketAddr) -> Attempt {
 
 fn attempt(at_us: u64, connect_us: u64, result: Result<String, String>) -> Attempt {
     match result {
-        Ok(answer) => Attempt { at_us, connect_us, answer: Some(answer), error: None },
-        Err(error) => Attempt { at_us, connect_us, answer: None, error: Some(error) },
+        Ok(answer) => Attempt {
+            at_us,
+            connect_us,
+            answer: Some(answer),
+            error: None,
+        },
+        Err(error) => Attempt {
+            at_us,
+            connect_us,
+            answer: None,
+            error: Some(error),
+        },
     }
 }
 
@@ -180,7 +199,10 @@ pub fn spawn(exe: &Path, args: &ProbeArgs) -> anyhow::Result<Child> {
 pub fn collect(child: Child) -> anyhow::Result<Vec<Attempt>> {
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("probe failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "probe failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     String::from_utf8_lossy(&out.stdout)
         .lines()
