@@ -207,9 +207,14 @@ fn parse_file(
         match Value::deserialize(document) {
             Ok(value) => documents.push(value),
             Err(e) => {
+                let consequence = if previous.is_empty() {
+                    "nothing in it is used until it parses"
+                } else {
+                    "keeping what this file defined before"
+                };
                 errors.push(file_error(
                     path,
-                    format!("not valid YAML ({e}); keeping what this file defined before"),
+                    format!("not valid YAML ({e}); {consequence}"),
                 ));
                 return previous.to_vec();
             }
@@ -443,6 +448,21 @@ mod tests {
         assert!(
             message.contains("keeping what this file defined before"),
             "{message}"
+        );
+
+        // A file that never parsed has nothing to keep, and says so.
+        write(&dir, "c.yaml", "kind: [");
+        let snapshot = source.load().unwrap();
+        let new_file = snapshot
+            .errors
+            .iter()
+            .find(|e| e.file.ends_with("c.yaml"))
+            .unwrap();
+        assert!(
+            new_file
+                .to_string()
+                .ends_with("nothing in it is used until it parses"),
+            "{new_file}"
         );
         fs::remove_dir_all(dir).unwrap();
     }
