@@ -7,7 +7,7 @@ use std::{
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{Backend, ObjectRef, Problem, Protocol, service::PortFrontends, service::valid_port};
+use super::{Backend, ObjectRef, Problem, Protocol, service::PortFrontends, service::port_number};
 
 /// The API server's limit on endpoints per slice; a larger slice is malformed.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
@@ -121,24 +121,21 @@ impl Slice {
 
         let mut ports = Vec::new();
         for (i, port) in slice.ports.iter().flatten().enumerate() {
-            let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
-                problem(
-                    format!("ports[{i}].protocol"),
-                    format!(
-                        "{:?} is not a protocol; expected TCP, UDP or SCTP",
-                        port.protocol.as_deref().unwrap_or_default()
-                    ),
-                );
-                continue;
+            let protocol = match Protocol::parse_field(port.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(message) => {
+                    problem(format!("ports[{i}].protocol"), message);
+                    continue;
+                }
             };
             // A port without a number means "all ports", which a ClusterIP cannot proxy.
             let Some(number) = port.port else { continue };
-            let Some(number) = valid_port(number) else {
-                problem(
-                    format!("ports[{i}].port"),
-                    format!("{number} is not a port number (1-65535)"),
-                );
-                continue;
+            let number = match port_number(number) {
+                Ok(n) => n,
+                Err(message) => {
+                    problem(format!("ports[{i}].port"), message);
+                    continue;
+                }
             };
             ports.push(SlicePort {
                 name: port.name.clone().unwrap_or_default(),

@@ -45,6 +45,16 @@ impl Protocol {
         }
     }
 
+    /// Parses a `protocol` field, or says what is wrong with it.
+    fn parse_field(value: Option<&str>) -> Result<Self, String> {
+        Self::from_k8s(value).ok_or_else(|| {
+            format!(
+                "{:?} is not a protocol; expected TCP, UDP or SCTP",
+                value.unwrap_or_default()
+            )
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "TCP",

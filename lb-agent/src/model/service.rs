@@ -84,22 +84,19 @@ pub(super) fn frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<Ve
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
-            problem(
-                format!("spec.ports[{i}].protocol"),
-                format!(
-                    "{:?} is not a protocol; expected TCP, UDP or SCTP",
-                    port.protocol.as_deref().unwrap_or_default()
-                ),
-            );
-            continue;
+        let protocol = match Protocol::parse_field(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(message) => {
+                problem(format!("spec.ports[{i}].protocol"), message);
+                continue;
+            }
         };
-        let Some(number) = valid_port(port.port) else {
-            problem(
-                format!("spec.ports[{i}].port"),
-                format!("{} is not a port number (1-65535)", port.port),
-            );
-            continue;
+        let number = match port_number(port.port) {
+            Ok(n) => n,
+            Err(message) => {
+                problem(format!("spec.ports[{i}].port"), message);
+                continue;
+            }
         };
         if !seen.insert((number, protocol)) {
             problem(
@@ -124,7 +121,10 @@ pub(super) fn frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<Ve
     Some(out)
 }
 
-/// A port number as Kubernetes allows it: 1-65535.
-pub(super) fn valid_port(port: i32) -> Option<u16> {
-    u16::try_from(port).ok().filter(|&p| p != 0)
+/// A port number as Kubernetes allows it (1-65535), or what is wrong with it.
+pub(super) fn port_number(port: i32) -> Result<u16, String> {
+    u16::try_from(port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("{port} is not a port number (1-65535)"))
 }
