@@ -108,7 +108,11 @@ fn sync<S: MapStore>(source: &mut ManifestSource, dataplane: &mut Dataplane<S>, 
     for problem in &snapshot.errors {
         warn!("{problem}");
     }
-    let translation = model::translate(&snapshot.services, &snapshot.slices);
+    let translation = model::translate(
+        &snapshot.services,
+        &snapshot.slices,
+        &model::NodeContext::default(),
+    );
     for problem in &translation.problems {
         let file = snapshot
             .origins

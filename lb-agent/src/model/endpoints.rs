@@ -1,4 +1,4 @@
-//! A Service's endpoints, from its EndpointSlices, and kube-proxy's rule for which to use.
+//! A Service's endpoints, from its EndpointSlices.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -7,7 +7,11 @@ use std::{
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{Backend, ObjectRef, Problem, Protocol, service::PortFrontends, service::port_number};
+use super::{
+    Backend, NodeContext, ObjectRef, Problem, Protocol,
+    service::{PortFrontends, port_number},
+    topology::{self, Candidate, Policy},
+};
 
 /// The API server's limit on endpoints per slice; a larger slice is malformed.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
@@ -29,12 +33,14 @@ struct SlicePort {
     port: u16,
 }
 
-#[derive(Clone, Copy)]
 struct Endpoint {
     address: IpAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
+    node_name: Option<String>,
+    zone_hints: BTreeSet<String>,
+    node_hints: BTreeSet<String>,
 }
 
 impl ServiceEndpoints {
@@ -48,13 +54,17 @@ impl ServiceEndpoints {
     }
 
     /// The backends for one frontend of `port`: endpoints of the frontend's IP family, at the
-    /// target port their slice gives for the Service port's name and protocol.
-    ///
-    /// Ready endpoints when there are any; otherwise the serving and terminating ones, so that
-    /// connections still succeed while a rollout replaces the last Pods (kube-proxy does the same).
-    pub(super) fn backends_for(&self, port: &PortFrontends, frontend: IpAddr) -> BTreeSet<Backend> {
+    /// target port their slice gives for the Service port's name and protocol, chosen by
+    /// [`topology::select`].
+    pub(super) fn backends_for(
+        &self,
+        port: &PortFrontends,
+        frontend: IpAddr,
+        policy: Policy,
+        node: &NodeContext,
+    ) -> BTreeSet<Backend> {
         // First listing wins, in slice-name order, like kube-proxy's de-duplication.
-        let mut candidates: BTreeMap<Backend, Endpoint> = BTreeMap::new();
+        let mut candidates: BTreeMap<Backend, Candidate> = BTreeMap::new();
         for slice in self.slices.iter().filter(|s| s.ipv6 == frontend.is_ipv6()) {
             let Some(slice_port) = slice
                 .ports
@@ -68,23 +78,19 @@ impl ServiceEndpoints {
                     address: endpoint.address,
                     port: slice_port.port,
                 };
-                candidates.entry(backend).or_insert(*endpoint);
+                candidates.entry(backend).or_insert_with(|| Candidate {
+                    backend,
+                    ready: endpoint.ready,
+                    serving: endpoint.serving,
+                    terminating: endpoint.terminating,
+                    node_name: endpoint.node_name.clone(),
+                    zone_hints: endpoint.zone_hints.clone(),
+                    node_hints: endpoint.node_hints.clone(),
+                });
             }
         }
-
-        let ready: BTreeSet<Backend> = candidates
-            .iter()
-            .filter(|(_, e)| e.ready)
-            .map(|(b, _)| *b)
-            .collect();
-        if !ready.is_empty() {
-            return ready;
-        }
-        candidates
-            .iter()
-            .filter(|(_, e)| e.serving && e.terminating)
-            .map(|(b, _)| *b)
-            .collect()
+        let candidates: Vec<Candidate> = candidates.into_values().collect();
+        topology::select(&candidates, policy, node)
     }
 }
 
@@ -172,11 +178,25 @@ impl Slice {
             // Absent conditions have the API's documented meaning: ready unless said otherwise,
             // serving like ready, not terminating.
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let hints = endpoint.hints.as_ref();
             endpoints.push(Endpoint {
                 address,
                 ready,
                 serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
                 terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: endpoint.node_name.clone(),
+                zone_hints: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
             });
         }
         Some(Self {

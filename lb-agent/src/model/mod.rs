@@ -10,11 +10,19 @@
 //!   its namespace. A Service port takes its target port, per slice, from the slice port of the
 //!   same name and protocol (this is how named targetPorts work), and an endpoint listed by several
 //!   slices counts once.
-//! - An endpoint is used when ready; when none is ready, the serving and terminating ones are.
+//! - Services labelled `service.kubernetes.io/service-proxy-name` belong to that proxy (unless it
+//!   is ours), and slices labelled `service.kubernetes.io/headless` are skipped.
+//! - Which endpoints this node uses follows kube-proxy's topology rules ([`topology`]):
+//!   `internalTrafficPolicy: Local`, topology hints and `trafficDistribution`, ready endpoints
+//!   first and serving+terminating ones when none is ready.
+//!
+//! [`Cluster`] is the incremental form the agent keeps; [`translate`] the one-shot form.
 
+mod cluster;
 mod endpoints;
 mod problem;
 mod service;
+mod topology;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,7 +32,21 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+pub use cluster::{Cluster, HEADLESS_LABEL, ServiceKey, Sync};
 pub use problem::{ObjectRef, Problem};
+pub use service::SERVICE_PROXY_NAME_LABEL;
+
+/// Where the model runs: which node (for `internalTrafficPolicy: Local` and topology) and which
+/// proxy name it answers to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name (`spec.nodeName` of its Pods, `nodeName` of its endpoints).
+    pub name: Option<String>,
+    /// This node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+    /// Services labelled `service.kubernetes.io/service-proxy-name` with this value are ours too.
+    pub service_proxy_name: Option<String>,
+}
 
 /// Transport protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -161,7 +183,7 @@ pub struct Translation {
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Translates Services and EndpointSlices into frontends and backend sets.
+/// Translates Services and EndpointSlices into frontends and backend sets, all at once.
 ///
 /// Objects that cannot be used in full are used as far as they can (a bad port skips that port, a
 /// bad endpoint skips that endpoint) and reported in [`Translation::problems`]; nothing about one
@@ -170,73 +192,16 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub fn translate<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeContext,
 ) -> Translation {
-    let mut problems = Vec::new();
-
-    // Slices by (namespace, service name), each group in slice-name order so that de-duplication
-    // across slices is deterministic.
-    let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
-        let meta = &slice.metadata;
-        let service = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
-        if let (Some(namespace), Some(service)) = (meta.namespace.as_deref(), service) {
-            slices_by_service
-                .entry((namespace, service.as_str()))
-                .or_default()
-                .push(slice);
-        }
+    let mut cluster = Cluster::new(node.clone());
+    cluster.replace_services(services.into_iter().cloned().collect());
+    cluster.replace_slices(slices.into_iter().cloned().collect());
+    let problems = cluster.sync().problems;
+    Translation {
+        state: cluster.state().clone(),
+        problems,
     }
-    for group in slices_by_service.values_mut() {
-        group.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    }
-
-    let mut services: Vec<&Service> = services.into_iter().collect();
-    services.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-
-    let mut state = DesiredState::default();
-    for svc in services {
-        let Some(ports) = service::frontends(svc, &mut problems) else {
-            continue;
-        };
-        let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
-        let name = svc.metadata.name.as_deref().unwrap_or_default();
-        let slices = slices_by_service
-            .get(&(namespace, name))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let endpoints = endpoints::ServiceEndpoints::collect(slices, &mut problems);
-
-        for port in ports {
-            let service = ServicePortName {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                port: port.name.clone(),
-            };
-            for &frontend in &port.frontends {
-                if let Some(owner) = state.frontends.get(&frontend) {
-                    problems.push(Problem::new(
-                        ObjectRef::service(svc),
-                        "spec.clusterIP",
-                        format!(
-                            "frontend {frontend} is already used by Service {}",
-                            owner.service
-                        ),
-                    ));
-                    continue;
-                }
-                state.frontends.insert(
-                    frontend,
-                    FrontendState {
-                        service: service.clone(),
-                        backends: endpoints.backends_for(&port, frontend.address),
-                    },
-                );
-            }
-        }
-    }
-    Translation { state, problems }
 }
 
 #[cfg(test)]

@@ -4,7 +4,16 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::{Frontend, ObjectRef, Problem, Protocol};
+use super::{Frontend, NodeContext, ObjectRef, Problem, Protocol, topology::Policy};
+
+/// Label naming the proxy that should serve a Service; other proxies leave it alone.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// A Service's frontends by port, and the policy its endpoints are chosen by.
+pub(super) struct ServiceFrontends {
+    pub policy: Policy,
+    pub ports: Vec<PortFrontends>,
+}
 
 /// The frontends of one Service port (one per ClusterIP, so two on a dual-stack Service).
 pub(super) struct PortFrontends {
@@ -15,9 +24,21 @@ pub(super) struct PortFrontends {
 }
 
 /// Returns the Service's frontends by port, or `None` when it has none by design (headless,
-/// ExternalName) or cannot be used at all. Skipped parts are added to `problems`.
-pub(super) fn frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<Vec<PortFrontends>> {
+/// ExternalName, another proxy's) or cannot be used at all. Skipped parts are added to `problems`.
+pub(super) fn frontends(
+    svc: &Service,
+    node: &NodeContext,
+    problems: &mut Vec<Problem>,
+) -> Option<ServiceFrontends> {
     let object = ObjectRef::service(svc);
+    let proxy_name = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+    if proxy_name.is_some() && proxy_name != node.service_proxy_name.as_ref() {
+        return None; // another proxy serves it
+    }
     let mut problem = |field: String, message: String| {
         problems.push(Problem::new(object.clone(), field, message));
     };
@@ -118,7 +139,11 @@ pub(super) fn frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<Ve
                 .collect(),
         });
     }
-    Some(out)
+    let policy = Policy {
+        local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        prefer_same_node: spec.traffic_distribution.as_deref() == Some("PreferSameNode"),
+    };
+    Some(ServiceFrontends { policy, ports: out })
 }
 
 /// A port number as Kubernetes allows it (1-65535), or what is wrong with it.

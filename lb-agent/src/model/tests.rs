@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 
-use super::translate;
+use super::{NodeContext, translate};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,6 +18,17 @@ struct Case {
     expect: BTreeMap<String, ExpectedFrontend>,
     #[serde(default)]
     problems: Vec<String>,
+    /// The node the model runs on.
+    #[serde(default)]
+    node: NodeSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NodeSpec {
+    name: Option<String>,
+    zone: Option<String>,
+    service_proxy_name: Option<String>,
 }
 
 #[derive(Deserialize, Debug, PartialEq)]
@@ -51,7 +62,12 @@ fn translate_table() {
             }
         }
 
-        let translation = translate(&services, &slices);
+        let node = NodeContext {
+            name: case.node.name.clone(),
+            zone: case.node.zone.clone(),
+            service_proxy_name: case.node.service_proxy_name.clone(),
+        };
+        let translation = translate(&services, &slices, &node);
         let got: BTreeMap<String, ExpectedFrontend> = translation
             .state
             .frontends
@@ -102,7 +118,7 @@ fn problems_say_what_is_wrong() {
          spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 70000}]}",
     )
     .unwrap();
-    let translation = translate([&svc], []);
+    let translation = translate([&svc], [], &NodeContext::default());
     assert_eq!(
         translation.problems[0].to_string(),
         "Service shop/web: spec.ports[0].port: 70000 is not a port number (1-65535)"
@@ -128,7 +144,7 @@ fn too_large_slice_is_skipped_and_the_rest_of_the_service_kept() {
         .unwrap()
     };
     let (huge, small) = (slice("web-huge", 1001), slice("web-small", 2));
-    let translation = translate([&svc], [&huge, &small]);
+    let translation = translate([&svc], [&huge, &small], &NodeContext::default());
 
     let frontend = translation.state.frontends.values().next().unwrap();
     assert_eq!(frontend.backends.len(), 2, "the valid slice still counts");
@@ -137,4 +153,71 @@ fn too_large_slice_is_skipped_and_the_rest_of_the_service_kept() {
         translation.problems[0].to_string(),
         "EndpointSlice shop/web-huge: endpoints: 1001 endpoints; a slice holds at most 1000"
     );
+}
+
+/// The real API server's lists, per node, against `testdata/fixtures.yaml`.
+#[test]
+fn real_api_server_objects_per_node() {
+    #[derive(Deserialize)]
+    struct Expected {
+        nodes: Vec<NodeCase>,
+    }
+    #[derive(Deserialize)]
+    struct NodeCase {
+        node: NodeSpec,
+        expect: BTreeMap<String, ExpectedFrontend>,
+    }
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/k8s-api");
+    let list = |file: &str| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(format!("{fixtures}/{file}")).unwrap();
+        let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+        list["items"].as_array().unwrap().clone()
+    };
+    let services: Vec<Service> = list("services-list.json")
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    let slices: Vec<EndpointSlice> = list("endpointslices-list.json")
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    assert_eq!(
+        (services.len(), slices.len()),
+        (9, 7),
+        "the capture changed"
+    );
+
+    let mut expected: serde_yaml::Value =
+        serde_yaml::from_str(include_str!("testdata/fixtures.yaml")).unwrap();
+    expected.apply_merge().unwrap(); // the file shares entries with `<<: *common`
+    let expected: Expected = serde_yaml::from_value(expected).unwrap();
+    for case in expected.nodes {
+        let node = NodeContext {
+            name: case.node.name.clone(),
+            zone: case.node.zone.clone(),
+            service_proxy_name: None,
+        };
+        let translation = translate(&services, &slices, &node);
+        assert!(
+            translation.problems.is_empty(),
+            "{:?}",
+            translation.problems
+        );
+        let got: BTreeMap<String, ExpectedFrontend> = translation
+            .state
+            .frontends
+            .iter()
+            .map(|(f, s)| {
+                let backends = s.backends.iter().map(ToString::to_string).collect();
+                (
+                    f.to_string(),
+                    ExpectedFrontend {
+                        service: s.service.to_string(),
+                        backends,
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(got, case.expect, "node {:?}", case.node.name);
+    }
 }

@@ -1,0 +1,99 @@
+//! Which of a Service port's endpoints this node uses: kube-proxy's rules
+//! (`pkg/proxy/topology.go`: `CategorizeEndpoints` and `topologyModeFromHints`).
+//!
+//! - `internalTrafficPolicy: Local`: only endpoints on this node; ready ones, else serving and
+//!   terminating ones; none means connects are refused.
+//! - Otherwise, topology: when every ready endpoint carries zone hints and one is for this node's
+//!   zone, only endpoints hinted for the zone are used (likewise node hints, for
+//!   `trafficDistribution: PreferSameNode`, tried first). Any ready endpoint without a hint, or no
+//!   hint for this zone, means all endpoints are used.
+//! - Ready endpoints first; when none is ready anywhere, the serving and terminating ones.
+
+use std::collections::BTreeSet;
+
+use super::{Backend, NodeContext};
+
+/// An endpoint with what the rules look at.
+#[derive(Clone, Debug)]
+pub(super) struct Candidate {
+    pub backend: Backend,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+/// The Service settings the rules depend on.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Policy {
+    /// `internalTrafficPolicy: Local`.
+    pub local: bool,
+    /// `trafficDistribution: PreferSameNode`.
+    pub prefer_same_node: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode {
+    All,
+    SameZone,
+    SameNode,
+}
+
+pub(super) fn select(
+    candidates: &[Candidate],
+    policy: Policy,
+    node: &NodeContext,
+) -> BTreeSet<Backend> {
+    let pick = |keep: &dyn Fn(&Candidate) -> bool| -> BTreeSet<Backend> {
+        candidates
+            .iter()
+            .filter(|c| keep(c))
+            .map(|c| c.backend)
+            .collect()
+    };
+    let serving_terminating = |c: &Candidate| c.serving && c.terminating;
+
+    if policy.local {
+        let is_local = |c: &Candidate| node.name.is_some() && c.node_name == node.name;
+        let ready = pick(&|c| is_local(c) && c.ready);
+        if !ready.is_empty() {
+            return ready;
+        }
+        return pick(&|c| is_local(c) && serving_terminating(c));
+    }
+
+    let mode = topology_mode(candidates, policy, node);
+    let ready = pick(&|c| c.ready && available(c, mode, node));
+    if !ready.is_empty() {
+        return ready;
+    }
+    // The topology mode is only ever narrower than "all" when a ready endpoint matched it, so
+    // getting here means nothing is ready anywhere.
+    pick(&serving_terminating)
+}
+
+fn topology_mode(candidates: &[Candidate], policy: Policy, node: &NodeContext) -> TopologyMode {
+    let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.ready).collect();
+    let hinted = |hints: fn(&Candidate) -> &BTreeSet<String>, wanted: Option<&String>| {
+        let all_hinted = ready.iter().all(|c| !hints(c).is_empty());
+        let any_for_us = wanted.is_some_and(|w| ready.iter().any(|c| hints(c).contains(w)));
+        all_hinted && any_for_us
+    };
+    if policy.prefer_same_node && hinted(|c| &c.node_hints, node.name.as_ref()) {
+        return TopologyMode::SameNode;
+    }
+    if hinted(|c| &c.zone_hints, node.zone.as_ref()) {
+        return TopologyMode::SameZone;
+    }
+    TopologyMode::All
+}
+
+fn available(c: &Candidate, mode: TopologyMode, node: &NodeContext) -> bool {
+    match mode {
+        TopologyMode::All => true,
+        TopologyMode::SameZone => node.zone.as_ref().is_some_and(|z| c.zone_hints.contains(z)),
+        TopologyMode::SameNode => node.name.as_ref().is_some_and(|n| c.node_hints.contains(n)),
+    }
+}
