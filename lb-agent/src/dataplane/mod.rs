@@ -18,7 +18,8 @@ use lb_common::{
 use tracing::{debug, warn};
 
 use crate::model::{Backend, DesiredState, Frontend, Protocol, ServicePortName};
-use plan::{ChangeKind, Programmed, ProgrammedFrontend, Wanted, WantedFrontend, Write};
+use crate::model::FrontendState;
+use plan::{ChangeKind, Programmed, ProgrammedFrontend, Scope, Wanted, WantedFrontend, Write};
 
 /// Everything the maps hold, as read in one pass.
 #[derive(Clone, Debug, Default)]
@@ -75,14 +76,26 @@ impl<S: MapStore> Dataplane<S> {
         self.programmed.len()
     }
 
-    /// Brings the maps to `desired`, changing only what differs. A frontend that cannot be written
-    /// (bad size, full map) is reported and keeps its previous programming; the others proceed.
+    /// Brings the maps to `desired`, changing only what differs; frontends not in `desired` are
+    /// removed. A frontend that cannot be written (bad size, full map) is reported and keeps its
+    /// previous programming; the others proceed.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let wanted = self.wanted(desired, &mut report);
+        let wanted = self.wanted(desired.frontends.iter().map(|(f, s)| (f, Some(s))), &mut report);
+        self.execute(&wanted, Scope::All, report)
+    }
 
+    /// Applies changed frontends only (`None`: the frontend is gone); the rest stay as they are.
+    pub fn apply_changes(&mut self, changed: &BTreeMap<Frontend, Option<FrontendState>>) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let wanted = self.wanted(changed.iter().map(|(f, s)| (f, s.as_ref())), &mut report);
+        let keys: BTreeSet<Frontend4Key> = changed.keys().filter_map(frontend_key).collect();
+        self.execute(&wanted, Scope::Only(&keys), report)
+    }
+
+    fn execute(&mut self, wanted: &Wanted, scope: Scope, mut report: ApplyReport) -> ApplyReport {
         let mut interrupted = false;
-        for change in plan::plan(&self.programmed, &wanted) {
+        for change in plan::plan(&self.programmed, wanted, scope) {
             let result = change
                 .writes
                 .iter()
@@ -115,22 +128,21 @@ impl<S: MapStore> Dataplane<S> {
         report
     }
 
-    /// The model's state as map contents: IPv4 frontends only; a frontend that cannot be
-    /// programmed keeps what it has.
-    fn wanted(&self, desired: &DesiredState, report: &mut ApplyReport) -> Wanted {
+    /// The model's frontends as map contents: IPv4 only (`None` states are left out, so the plan
+    /// removes them); a frontend that cannot be programmed keeps what it has.
+    fn wanted<'a>(
+        &self,
+        frontends: impl Iterator<Item = (&'a Frontend, Option<&'a FrontendState>)>,
+        report: &mut ApplyReport,
+    ) -> Wanted {
         let mut wanted = Wanted::new();
-        for (frontend, state) in &desired.frontends {
-            let IpAddr::V4(address) = frontend.address else {
+        for (frontend, state) in frontends {
+            let Some(key) = frontend_key(frontend) else {
                 debug!(%frontend, "IPv6 frontend not programmed: the datapath is IPv4 only");
                 report.skipped_ipv6 += 1;
                 continue;
             };
-            let key = Frontend4Key {
-                address: address.octets(),
-                port: frontend.port,
-                protocol: frontend.protocol.number(),
-                _pad: 0,
-            };
+            let Some(state) = state else { continue };
             let backends: BTreeSet<Backend4> = state
                 .backends
                 .iter()
@@ -235,6 +247,18 @@ fn keep(current: &ProgrammedFrontend) -> WantedFrontend {
     WantedFrontend {
         name: current.name,
         backends: current.slots.iter().flatten().copied().collect(),
+    }
+}
+
+fn frontend_key(frontend: &Frontend) -> Option<Frontend4Key> {
+    match frontend.address {
+        IpAddr::V4(address) => Some(Frontend4Key {
+            address: address.octets(),
+            port: frontend.port,
+            protocol: frontend.protocol.number(),
+            _pad: 0,
+        }),
+        IpAddr::V6(_) => None,
     }
 }
 

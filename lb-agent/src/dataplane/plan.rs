@@ -69,16 +69,29 @@ pub struct FrontendChange {
     pub after: Option<ProgrammedFrontend>,
 }
 
-/// Plans the changes that turn `programmed` into `wanted`: removals first (they free map space),
-/// then updates, then additions. Frontends that already match produce nothing.
-pub fn plan(programmed: &Programmed, wanted: &Wanted) -> Vec<FrontendChange> {
+/// Which frontends a plan covers.
+#[derive(Clone, Copy)]
+pub enum Scope<'a> {
+    /// All: a programmed frontend that is not wanted is removed.
+    All,
+    /// Only these: other programmed frontends are left alone.
+    Only(&'a BTreeSet<Frontend4Key>),
+}
+
+/// Plans the changes that turn `programmed` into `wanted` within `scope`: removals first (they
+/// free map space), then updates, then additions. Frontends that already match produce nothing.
+pub fn plan(programmed: &Programmed, wanted: &Wanted, scope: Scope) -> Vec<FrontendChange> {
     let mut ids = IdAllocator::new(programmed.values().map(|p| p.service_id));
     let mut removed = Vec::new();
     let mut updated = Vec::new();
     let mut added = Vec::new();
 
+    let in_scope = |frontend: &Frontend4Key| match scope {
+        Scope::All => true,
+        Scope::Only(keys) => keys.contains(frontend),
+    };
     for (frontend, current) in programmed {
-        if !wanted.contains_key(frontend) {
+        if in_scope(frontend) && !wanted.contains_key(frontend) {
             removed.push(remove(*frontend, current));
         }
     }
@@ -307,7 +320,7 @@ mod tests {
             },
         )]
         .into();
-        assert!(plan(&programmed, &same).is_empty());
+        assert!(plan(&programmed, &same, Scope::All).is_empty());
 
         let swapped: Wanted = [(
             fe,
@@ -317,7 +330,7 @@ mod tests {
             },
         )]
         .into();
-        let changes = plan(&programmed, &swapped);
+        let changes = plan(&programmed, &swapped, Scope::All);
         assert_eq!(changes.len(), 1);
         assert_eq!(
             changes[0].writes,

@@ -321,3 +321,32 @@ fn view_lists_frontends_with_names_and_backends_in_slot_order() {
     assert_eq!(rows[0].backends, [backend(1), backend(2)]);
     assert!(rows[1].backends.is_empty());
 }
+
+#[test]
+fn applying_changes_touches_only_those_frontends_and_never_reuses_an_id() {
+    let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
+    step(&mut dp, &[(80, &[1]), (81, &[2]), (82, &[3])]);
+    let writes = dp.store.writes;
+
+    // 80 loses its backend, 81 goes away, 83 is new; 82 is not mentioned and stays.
+    let next = desired(&[(80, &[4]), (83, &[5])]);
+    let changed: BTreeMap<Frontend, Option<FrontendState>> = [
+        (frontend(80), Some(next.frontends[&frontend(80)].clone())),
+        (frontend(81), None),
+        (frontend(83), Some(next.frontends[&frontend(83)].clone())),
+    ]
+    .into();
+    dp.store.allowed.get_mut(&80).unwrap().insert(backend4(4));
+    dp.store.allowed.insert(83, [backend4(5)].into());
+    let r = dp.apply_changes(&changed);
+    assert_eq!((r.added, r.updated, r.removed), (1, 1, 1));
+    assert_eq!(dp.store.violations, Vec::<String>::new());
+    assert_eq!(dp.store.reachable(80), Some([backend4(4)].into()));
+    assert_eq!(dp.store.reachable(81), None);
+    assert_eq!(dp.store.reachable(82), Some([backend4(3)].into()), "not in the change: kept");
+    let ids: Vec<u32> = dp.store.services.values().map(|e| e.service_id).collect();
+    let unique: BTreeSet<u32> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "two frontends share a service id: {ids:?}");
+    // 80: one slot; 81: entry, slot, name; 83: name, slot, entry.
+    assert_eq!(dp.store.writes - writes, 7);
+}
