@@ -2,12 +2,13 @@
 
 mod cgroup;
 mod dataplane;
+mod health;
 mod list;
 mod model;
 mod run;
 mod source;
 
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -23,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the datapath, then keep its maps in step with the Services and
-    /// EndpointSlices. On SIGTERM the datapath stays in place and keeps serving.
+    /// EndpointSlices of the Kubernetes API (or of --manifests). On SIGTERM the datapath stays in
+    /// place and keeps serving.
     Run(RunArgs),
     /// Show what the datapath holds: one row per frontend (reads the pinned maps; no agent needed).
     List {
@@ -42,10 +44,22 @@ enum Command {
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Kubernetes manifest file or directory with the Services and EndpointSlices to serve;
-    /// re-read whenever a file changes.
+    /// Serve the Services and EndpointSlices in this manifest file or directory (re-read whenever
+    /// a file changes) instead of following the Kubernetes API.
     #[arg(long, value_name = "FILE|DIR")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+    /// kubeconfig for the Kubernetes API. Default: KUBECONFIG, ~/.kube/config, or the in-cluster
+    /// service account.
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name: for internalTrafficPolicy: Local, and to find its zone (the Node's
+    /// topology.kubernetes.io/zone label) for topology hints. Set it from the downward API.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Also serve Services labelled service.kubernetes.io/service-proxy-name with this value
+    /// (Services labelled with any other value belong to another proxy).
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
     /// cgroup v2 directory whose processes (and descendants) get load-balanced connects.
     /// Default: the root of the system's cgroup v2 hierarchy.
     #[arg(long, value_name = "DIR")]
@@ -53,6 +67,9 @@ pub struct RunArgs {
     /// Where the maps and the program's link are pinned (on a BPF filesystem).
     #[arg(long, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
     pub pin_dir: PathBuf,
+    /// Address for /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub health_addr: SocketAddr,
     /// How often to check the manifests for changes.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub poll_interval: Duration,

@@ -15,11 +15,13 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use libtest_mimic::{Arguments, Trial};
+use serde_json::{Value, json};
 use xtask::{
     manifests::{self, Endpoint, Port},
     testbed::{
         PodSpec, Testbed,
-        agent::{self, SYNCED},
+        agent::{self, SYNCED, http_status},
+        fake_api::{ENDPOINT_SLICES, FakeApi, NODES, SERVICES},
         probe::{Attempt, now_us},
     },
 };
@@ -73,6 +75,18 @@ fn main() {
         (
             "list_shows_the_maps_and_reset_removes_the_datapath",
             list_and_reset,
+        ),
+        (
+            "kube_source_follows_the_real_wire_format_and_relists_after_410",
+            kube_wire_format,
+        ),
+        (
+            "kube_api_outage_keeps_traffic_flowing_and_converges_after",
+            kube_outage,
+        ),
+        (
+            "kube_restart_waits_for_both_lists_and_keeps_connects_working",
+            kube_restart,
         ),
     ];
     let trials = tests
@@ -506,5 +520,310 @@ fn list_and_reset() -> anyhow::Result<()> {
             .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
         "connects were still rewritten after reset: {after:?}"
     );
+    Ok(())
+}
+
+// --- The Kubernetes API source, against a stand-in API server speaking the captured wire format.
+
+fn fixture(file: &str) -> anyhow::Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lb-agent/tests/fixtures/k8s-api")
+        .join(file);
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn fixture_events(file: &str) -> anyhow::Result<Vec<Value>> {
+    fixture(file)?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+fn node(name: &str, zone: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}})
+}
+
+/// The documents of a multi-document YAML text, as the JSON an API server sends.
+fn objects(yaml: &str) -> anyhow::Result<Vec<Value>> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| Ok(Value::deserialize(doc)?))
+        .filter(|v: &anyhow::Result<Value>| v.as_ref().map_or(true, |v| !v.is_null()))
+        .collect()
+}
+
+/// Serves `yaml`'s Services and EndpointSlices from `api`.
+fn serve_objects(api: &FakeApi, yaml: &str) -> anyhow::Result<()> {
+    for object in objects(yaml)? {
+        match object["kind"].as_str() {
+            Some("Service") => api.put(SERVICES, object),
+            Some("EndpointSlice") => api.put(ENDPOINT_SLICES, object),
+            other => bail!("unexpected kind {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// `lb-agent list -o json` as frontend → (service, backends sorted; the list shows slot order).
+fn listing(tb: &Testbed) -> anyhow::Result<BTreeMap<String, (String, Vec<String>)>> {
+    let json: Value = serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)?;
+    let mut out = BTreeMap::new();
+    for row in json["frontends"].as_array().context("no frontends")? {
+        let f = &row["frontend"];
+        let s = &row["service"];
+        let mut service = format!(
+            "{}/{}",
+            s["namespace"].as_str().unwrap_or(""),
+            s["name"].as_str().unwrap_or("")
+        );
+        if let Some(port) = s["port"].as_str().filter(|p| !p.is_empty()) {
+            service = format!("{service}:{port}");
+        }
+        let mut backends: Vec<String> = row["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| format!("{}:{}", b["address"].as_str().unwrap_or(""), b["port"]))
+            .collect();
+        backends.sort();
+        let key = format!(
+            "{}:{}/{}",
+            f["address"].as_str().unwrap_or(""),
+            f["port"],
+            f["protocol"].as_str().unwrap_or("")
+        );
+        out.insert(key, (service, backends));
+    }
+    Ok(out)
+}
+
+fn entry(service: &str, backends: &[&str]) -> (String, Vec<String>) {
+    (
+        service.to_owned(),
+        backends.iter().map(|b| b.to_string()).collect(),
+    )
+}
+
+/// Polls `check` until it holds, or fails with its last finding.
+fn eventually(
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<String>>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let finding = check()?;
+        match finding {
+            None => return Ok(()),
+            Some(f) if std::time::Instant::now() >= deadline => bail!("after {timeout:?}: {f}"),
+            Some(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn kube_wire_format() -> anyhow::Result<()> {
+    let api = FakeApi::start()?;
+    api.load_list(
+        SERVICES,
+        &serde_json::from_str(&fixture("services-list.json")?)?,
+    );
+    api.load_list(
+        ENDPOINT_SLICES,
+        &serde_json::from_str(&fixture("endpointslices-list.json")?)?,
+    );
+    api.put(NODES, node("node-a", "zone-1"));
+    let mut tb = testbed(&[])?;
+    tb.use_api(&api, Some("node-a"))?;
+    tb.start_agent()?;
+
+    // The captured lists, as node-a in zone-1 sees them (IPv4 frontends: the datapath's).
+    let mut expected: BTreeMap<String, (String, Vec<String>)> = [
+        ("10.96.0.1:443/TCP", entry("default/kubernetes:https", &[])),
+        (
+            "10.96.64.87:80/TCP",
+            entry("lbtest/web:http", &["10.244.0.10:8080", "10.244.0.11:8080"]),
+        ),
+        (
+            "10.96.64.87:53/UDP",
+            entry("lbtest/web:dns", &["10.244.0.10:5353", "10.244.0.11:5353"]),
+        ),
+        (
+            "10.96.62.239:443/TCP",
+            entry("shop/api:https", &["10.244.1.20:8443"]),
+        ),
+        (
+            "10.96.19.148:8000/TCP",
+            entry(
+                "shop/big",
+                &["10.244.3.1:8000", "10.244.3.2:8000", "10.244.3.3:8000"],
+            ),
+        ),
+        (
+            "10.96.80.156:7000/TCP",
+            entry("shop/manual", &["10.250.0.7:7000"]),
+        ),
+        (
+            "10.96.159.49:80/TCP",
+            entry("shop/web:http", &["10.244.1.10:8080"]),
+        ),
+        (
+            "10.96.159.49:9090/TCP",
+            entry("shop/web:metrics", &["10.244.1.10:9090"]),
+        ),
+        (
+            "10.96.159.49:53/UDP",
+            entry("shop/web:dns", &["10.244.1.10:5353"]),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let got = listing(&tb)?;
+    ensure!(got == expected, "after the initial lists:\n{got:#?}");
+
+    // The captured watch streams: web-a1 gains 10.244.1.14 (unhinted, so hints no longer apply)
+    // and 10.244.1.10 starts terminating; big-2 and manual go.
+    for event in fixture_events("services-watch.jsonl")? {
+        api.push_event(SERVICES, &event);
+    }
+    for event in fixture_events("endpointslices-watch.jsonl")? {
+        api.push_event(ENDPOINT_SLICES, &event);
+    }
+    expected.remove("10.96.80.156:7000/TCP");
+    expected.insert(
+        "10.96.19.148:8000/TCP".into(),
+        entry("shop/big", &["10.244.3.1:8000", "10.244.3.2:8000"]),
+    );
+    for (port, name) in [(8080, "http"), (9090, "metrics")] {
+        let backends = [format!("10.244.1.14:{port}"), format!("10.244.2.11:{port}")];
+        let proto = "TCP";
+        let key = format!(
+            "10.96.159.49:{}/{proto}",
+            if port == 8080 { 80 } else { 9090 }
+        );
+        expected.insert(key, (format!("shop/web:{name}"), backends.to_vec()));
+    }
+    expected.insert(
+        "10.96.159.49:53/UDP".into(),
+        entry("shop/web:dns", &["10.244.1.14:5353", "10.244.2.11:5353"]),
+    );
+    eventually(Duration::from_secs(5), || {
+        let got = listing(&tb)?;
+        Ok((got != expected).then(|| format!("after the watch events:\n{got:#?}")))
+    })?;
+
+    // The watches drop; the server has compacted past them and answers 410 Expired, so the agent
+    // must re-list, and learns that shop/big went while nobody watched.
+    api.expire_next_watch(SERVICES);
+    api.expire_next_watch(ENDPOINT_SLICES);
+    api.remove(SERVICES, "shop", "big");
+    api.drop_watches();
+    expected.remove("10.96.19.148:8000/TCP");
+    eventually(Duration::from_secs(10), || {
+        let got = listing(&tb)?;
+        Ok((got != expected).then(|| format!("after the re-list:\n{got:#?}")))
+    })?;
+    let lists = api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with(&format!("GET {SERVICES}?")) && !r.contains("watch="))
+        .count();
+    ensure!(
+        lists >= 2,
+        "the agent never re-listed Services: {:#?}",
+        api.requests()
+    );
+    ensure!(tb.agent().is_running());
+    Ok(())
+}
+
+fn kube_outage() -> anyhow::Result<()> {
+    let pods = PodSpec::numbered("web", 3, &[HTTP]);
+    let mut tb = testbed(&pods)?;
+    let api = FakeApi::start()?;
+    serve_objects(&api, &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
+    tb.use_api(&api, None)?;
+    tb.start_agent()?;
+
+    let mut args = tb.probe_args(web(), 100_000);
+    args.duration_ms = Some(2_500);
+    args.interval_ms = 5;
+    let probe = tb.spawn_probe(&args)?;
+    thread::sleep(Duration::from_millis(300));
+    let mark = tb.agent().mark();
+    api.set_down(true);
+    tb.agent()
+        .wait_for("watch failed", mark, Duration::from_secs(10))?;
+
+    // Scaled to 2 while the agent cannot see it.
+    let scaled = objects(&web_manifest(&pods[..2].iter().collect::<Vec<_>>()))?;
+    let slice = scaled
+        .into_iter()
+        .find(|o| o["kind"] == "EndpointSlice")
+        .context("no slice")?;
+    api.push_event(
+        ENDPOINT_SLICES,
+        &json!({"type": "MODIFIED", "object": slice}),
+    );
+    let during = xtask::testbed::probe::collect(probe)?;
+    answers(&during).context("while the API server was down")?;
+
+    let mark = tb.agent().mark();
+    api.set_down(false);
+    tb.agent()
+        .wait_for("watch recovered", mark, Duration::from_secs(40))?;
+    let line = tb.agent().wait_for(SYNCED, mark, Duration::from_secs(10))?;
+    ensure!(line.contains("updated=1"), "{line}");
+    let counts = answers(&tb.probe(&tb.probe_args(web(), 100))?)?;
+    ensure!(
+        counts.keys().all(|p| p == "web-1" || p == "web-2"),
+        "not converged: {counts:?}"
+    );
+    eprintln!("{} connects during the outage, none failed", during.len());
+    Ok(())
+}
+
+fn kube_restart() -> anyhow::Result<()> {
+    let pods = PodSpec::numbered("web", 3, &[HTTP]);
+    let mut tb = testbed(&pods)?;
+    let api = FakeApi::start()?;
+    serve_objects(&api, &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
+    tb.use_api(&api, None)?;
+    tb.start_agent()?;
+
+    let mut args = tb.probe_args(web(), 100_000);
+    args.duration_ms = Some(3_000);
+    args.interval_ms = 5;
+    let probe = tb.spawn_probe(&args)?;
+    thread::sleep(Duration::from_millis(300));
+    tb.stop_agent()?;
+
+    // The new agent gets Services at once but EndpointSlices only after 1.5 s: programming from
+    // that partial view would leave web without backends and refuse connects.
+    api.set_list_delay(ENDPOINT_SLICES, Duration::from_millis(1_500));
+    tb.spawn_agent()?;
+    let health = tb.agent().health_addr()?;
+    ensure!(http_status(health, "/healthz")? == 200);
+    ensure!(
+        http_status(health, "/readyz")? == 503,
+        "ready before the lists were complete"
+    );
+    let synced = tb.agent().wait_for(SYNCED, 0, Duration::from_secs(20))?;
+    ensure!(
+        synced.contains("added=0 updated=0 removed=0"),
+        "the restart rewrote maps: {synced}"
+    );
+    ensure!(
+        http_status(health, "/readyz")? == 200,
+        "not ready after the initial sync"
+    );
+    let adopted = tb
+        .agent()
+        .wait_for("adopted the pinned maps", 0, Duration::from_secs(1))?;
+    ensure!(adopted.contains("frontends=1"), "{adopted}");
+
+    let attempts = xtask::testbed::probe::collect(probe)?;
+    let counts = answers(&attempts).context("across the restart")?;
+    ensure!(counts.len() == 3, "{counts:?}");
     Ok(())
 }

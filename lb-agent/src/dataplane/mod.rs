@@ -17,8 +17,8 @@ use lb_common::{
 };
 use tracing::{debug, warn};
 
-use crate::model::{Backend, DesiredState, Frontend, Protocol, ServicePortName};
 use crate::model::FrontendState;
+use crate::model::{Backend, DesiredState, Frontend, Protocol, ServicePortName};
 use plan::{ChangeKind, Programmed, ProgrammedFrontend, Scope, Wanted, WantedFrontend, Write};
 
 /// Everything the maps hold, as read in one pass.
@@ -81,12 +81,18 @@ impl<S: MapStore> Dataplane<S> {
     /// previous programming; the others proceed.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let wanted = self.wanted(desired.frontends.iter().map(|(f, s)| (f, Some(s))), &mut report);
+        let wanted = self.wanted(
+            desired.frontends.iter().map(|(f, s)| (f, Some(s))),
+            &mut report,
+        );
         self.execute(&wanted, Scope::All, report)
     }
 
     /// Applies changed frontends only (`None`: the frontend is gone); the rest stay as they are.
-    pub fn apply_changes(&mut self, changed: &BTreeMap<Frontend, Option<FrontendState>>) -> ApplyReport {
+    pub fn apply_changes(
+        &mut self,
+        changed: &BTreeMap<Frontend, Option<FrontendState>>,
+    ) -> ApplyReport {
         let mut report = ApplyReport::default();
         let wanted = self.wanted(changed.iter().map(|(f, s)| (f, s.as_ref())), &mut report);
         let keys: BTreeSet<Frontend4Key> = changed.keys().filter_map(frontend_key).collect();

@@ -343,10 +343,18 @@ fn applying_changes_touches_only_those_frontends_and_never_reuses_an_id() {
     assert_eq!(dp.store.violations, Vec::<String>::new());
     assert_eq!(dp.store.reachable(80), Some([backend4(4)].into()));
     assert_eq!(dp.store.reachable(81), None);
-    assert_eq!(dp.store.reachable(82), Some([backend4(3)].into()), "not in the change: kept");
+    assert_eq!(
+        dp.store.reachable(82),
+        Some([backend4(3)].into()),
+        "not in the change: kept"
+    );
     let ids: Vec<u32> = dp.store.services.values().map(|e| e.service_id).collect();
     let unique: BTreeSet<u32> = ids.iter().copied().collect();
-    assert_eq!(ids.len(), unique.len(), "two frontends share a service id: {ids:?}");
+    assert_eq!(
+        ids.len(),
+        unique.len(),
+        "two frontends share a service id: {ids:?}"
+    );
     // 80: one slot; 81: entry, slot, name; 83: name, slot, entry.
     assert_eq!(dp.store.writes - writes, 7);
 }

@@ -65,6 +65,7 @@ impl Cluster {
     }
 
     /// Services waiting for [`sync`](Self::sync).
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.dirty.len()
     }

@@ -32,9 +32,8 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-pub use cluster::{Cluster, HEADLESS_LABEL, ServiceKey, Sync};
+pub use cluster::Cluster;
 pub use problem::{ObjectRef, Problem};
-pub use service::SERVICE_PROXY_NAME_LABEL;
 
 /// Where the model runs: which node (for `internalTrafficPolicy: Local` and topology) and which
 /// proxy name it answers to.

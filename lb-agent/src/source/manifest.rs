@@ -14,18 +14,22 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize as _;
 use serde_yaml::Value;
 use tracing::debug;
 
 use crate::model::ObjectRef;
 
-/// A Service or EndpointSlice read from a file.
+/// A Service, EndpointSlice or Node (for this node's zone) read from a file.
 #[derive(Clone, Debug)]
 pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
 }
 
 /// Kind, namespace and name: what `kubectl` considers the same object.
@@ -80,6 +84,7 @@ impl fmt::Display for ManifestError {
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
     pub origins: BTreeMap<ObjectKey, PathBuf>,
     pub errors: Vec<ManifestError>,
 }
@@ -178,6 +183,7 @@ impl ManifestSource {
             match object {
                 Object::Service(s) => snapshot.services.push(Service::clone(s)),
                 Object::EndpointSlice(s) => snapshot.slices.push(EndpointSlice::clone(s)),
+                Object::Node(n) => snapshot.nodes.push(Node::clone(n)),
             }
             snapshot.origins.insert(key, path.clone());
         }
@@ -283,12 +289,10 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
             .map(str::to_owned)
     };
     let name = meta_text("name");
-    // kubectl's default; the objects in a manifest usually leave it out.
-    let namespace = meta_text("namespace").unwrap_or_else(|| "default".to_owned());
-
     let kind: &'static str = match kind.as_str() {
         "Service" => "Service",
         "EndpointSlice" => "EndpointSlice",
+        "Node" => "Node",
         other => {
             debug!(
                 kind = other,
@@ -298,14 +302,19 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
             return Ok(None);
         }
     };
+    // kubectl's default; the objects in a manifest usually leave it out. Nodes have none.
+    let namespace = match kind {
+        "Node" => String::new(),
+        _ => meta_text("namespace").unwrap_or_else(|| "default".to_owned()),
+    };
     let key = name.as_ref().map(|name| ObjectKey {
         kind,
         namespace: namespace.clone(),
         name: name.clone(),
     });
     let expected_version = match kind {
-        "Service" => "v1",
-        _ => "discovery.k8s.io/v1",
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        _ => "v1",
     };
     if api_version != expected_version {
         return Err((
@@ -324,6 +333,7 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
             s.metadata.namespace = Some(namespace);
             Object::Service(Box::new(s))
         }),
+        "Node" => deserialize::<Node>(value).map(|n| Object::Node(Box::new(n))),
         _ => deserialize::<EndpointSlice>(value).map(|mut s| {
             s.metadata.namespace = Some(namespace);
             Object::EndpointSlice(Box::new(s))

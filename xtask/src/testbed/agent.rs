@@ -1,7 +1,9 @@
 //! lb-agent as a child process, with its log lines kept for waiting on.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    ffi::OsString,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -23,22 +25,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `lb-agent run`; `echo` prefixes and prints its log lines as they come.
+    /// Starts `lb-agent ARGS`; `echo` prefixes and prints its log lines as they come.
     pub fn start(
         bin: &Path,
-        manifests: &Path,
-        cgroup: &Path,
-        pin_dir: &Path,
+        args: &[OsString],
         echo: Option<&'static str>,
     ) -> anyhow::Result<Self> {
         let mut child = Command::new(bin)
-            .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
-            .arg("--cgroup")
-            .arg(cgroup)
-            .arg("--pin-dir")
-            .arg(pin_dir)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("LB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
@@ -134,6 +128,17 @@ impl Agent {
         bail!("lb-agent did not stop within 5s of SIGTERM")
     }
 
+    /// Where the agent serves /healthz and /readyz (from its log).
+    pub fn health_addr(&mut self) -> anyhow::Result<SocketAddr> {
+        let line = self.wait_for("serving /healthz and /readyz", 0, Duration::from_secs(10))?;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .with_context(|| format!("no addr= in {line:?}"))?;
+        addr.parse()
+            .with_context(|| format!("bad address in {line:?}"))
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -170,4 +175,21 @@ pub fn default_bin() -> PathBuf {
         return PathBuf::from(bin);
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent")
+}
+
+/// The HTTP status of `GET path` on `addr`.
+pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP response: {response:?}"))
 }

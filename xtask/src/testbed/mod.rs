@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod cleanup;
+pub mod fake_api;
 pub mod netns;
 pub mod pod;
 pub mod probe;
@@ -62,6 +63,8 @@ pub struct Testbed {
     agent_bin: PathBuf,
     probe_bin: PathBuf,
     echo_agent: Option<&'static str>,
+    /// Where the agent gets Services from: the manifest directory, or an API server.
+    kubeconfig: Option<(PathBuf, Option<String>)>,
     // Dropped in this order: agent, pods, client namespace, cgroup, BPF mount, directory.
     agent: Option<Agent>,
     pods: Vec<(PodSpec, PodServer, Netns)>,
@@ -134,6 +137,7 @@ impl Testbed {
             agent_bin: agent_bin.to_owned(),
             probe_bin: probe_bin.to_owned(),
             echo_agent: None,
+            kubeconfig: None,
             agent: None,
             pods: Vec::new(),
             client,
@@ -214,19 +218,50 @@ impl Testbed {
         Ok(())
     }
 
+    /// From now on, the agent follows `api` (as node `node_name`) instead of the manifests.
+    pub fn use_api(
+        &mut self,
+        api: &fake_api::FakeApi,
+        node_name: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let path = self.manifests.with_file_name("kubeconfig");
+        api.write_kubeconfig(&path)?;
+        self.kubeconfig = Some((path, node_name.map(str::to_owned)));
+        Ok(())
+    }
+
     /// Starts the agent and waits for its first sync.
     pub fn start_agent(&mut self) -> anyhow::Result<&mut Agent> {
+        let agent = self.spawn_agent()?;
+        agent.wait_for(agent::SYNCED, 0, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn spawn_agent(&mut self) -> anyhow::Result<&mut Agent> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let mut agent = Agent::start(
-            &self.agent_bin,
-            &self.manifests,
-            &self.cgroup,
-            &self.pin_dir,
-            self.echo_agent,
-        )?;
-        agent.wait_for(agent::SYNCED, 0, Duration::from_secs(20))?;
+        let mut args: Vec<std::ffi::OsString> = vec!["run".into()];
+        match &self.kubeconfig {
+            None => args.extend(["--manifests".into(), self.manifests.clone().into()]),
+            Some((kubeconfig, node)) => {
+                args.extend(["--kubeconfig".into(), kubeconfig.clone().into()]);
+                if let Some(node) = node {
+                    args.extend(["--node-name".into(), node.into()]);
+                }
+            }
+        }
+        args.extend([
+            "--cgroup".into(),
+            self.cgroup.clone().into(),
+            "--pin-dir".into(),
+            self.pin_dir.clone().into(),
+            // Loopback and an ephemeral port: nothing listens on the host's interfaces.
+            "--health-addr".into(),
+            "127.0.0.1:0".into(),
+        ]);
+        let agent = Agent::start(&self.agent_bin, &args, self.echo_agent)?;
         Ok(self.agent.insert(agent))
     }
 

@@ -1,0 +1,78 @@
+//! `/healthz` (the process is alive) and `/readyz` (the initial sync is done and the maps are
+//! programmed), for the DaemonSet's probes.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+#[derive(Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts serving on `addr` and returns the address bound (useful with port 0).
+pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on --health-addr {addr}"))?;
+    let bound = listener.local_addr()?;
+    info!(addr = %bound, "serving /healthz and /readyz");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let health = health.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| respond(request, health.clone()));
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!("health connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+async fn respond<B>(
+    request: Request<B>,
+    health: Health,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, body) = match request.uri().path() {
+        "/healthz" => (StatusCode::OK, "ok\n"),
+        "/readyz" if health.is_ready() => (StatusCode::OK, "ready\n"),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "initial sync not done\n"),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz or /readyz\n",
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    Ok(response)
+}
