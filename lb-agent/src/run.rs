@@ -290,7 +290,7 @@ fn log_report(report: &ApplyReport, frontends: usize, events: usize, services: u
         updated = report.updated,
         removed = report.removed,
         failed = report.failed.len(),
-        ipv6_skipped = report.skipped_ipv6,
+        ipv6 = report.ipv6,
         events,
         services,
         "dataplane synced"

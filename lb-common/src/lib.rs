@@ -7,14 +7,18 @@
 //! - addresses are byte arrays in network order (`[10, 96, 0, 10]`);
 //! - ports are `u16` in host order (`80`); the program converts once per connect.
 //!
-//! The maps (IPv4 today; IPv6 adds `LB6_SERVICES`/`LB6_BACKENDS` with 16-byte addresses and the same
-//! service ids, entries and slot scheme):
+//! The maps (one pair per IP family, sharing one space of service ids, the entries and the slot
+//! scheme):
 //!
-//! | map            | key                | value            | written by |
-//! |----------------|--------------------|------------------|------------|
-//! | `LB4_SERVICES` | [`Frontend4Key`]   | [`ServiceEntry`] | agent      |
-//! | `LB4_BACKENDS` | [`BackendSlotKey`] | [`Backend4`]     | agent      |
-//! | `LB_SVC_NAMES` | `u32` service id   | [`ServiceName`]  | agent (for `lb-agent list`) |
+//! | map            | key                | value            | read by |
+//! |----------------|--------------------|------------------|---------|
+//! | `LB4_SERVICES` | [`Frontend4Key`]   | [`ServiceEntry`] | connect4 |
+//! | `LB4_BACKENDS` | [`BackendSlotKey`] | [`Backend4`]     | connect4 |
+//! | `LB6_SERVICES` | [`Frontend6Key`]   | [`ServiceEntry`] | (connect6, to come) |
+//! | `LB6_BACKENDS` | [`BackendSlotKey`] | [`Backend6`]     | (connect6, to come) |
+//! | `LB_SVC_NAMES` | `u32` service id   | [`ServiceName`]  | `lb-agent list` |
+//!
+//! The agent writes them all.
 //!
 //! A frontend (ClusterIP, port, protocol) maps to a service entry whose `backend_count` slots
 //! `0..backend_count` in `LB4_BACKENDS` are all present; the agent keeps that invariant by writing
@@ -53,7 +57,20 @@ pub struct Frontend4Key {
     pub _pad: u8,
 }
 
-/// Value of `LB4_SERVICES`.
+/// Key of `LB6_SERVICES`: an IPv6 Service frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend6Key {
+    /// ClusterIP, network byte order.
+    pub address: [u8; 16],
+    /// Service port, host byte order.
+    pub port: u16,
+    /// [`protocol`] number.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Value of `LB4_SERVICES` and `LB6_SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceEntry {
@@ -65,7 +82,7 @@ pub struct ServiceEntry {
     pub flags: u16,
 }
 
-/// Key of `LB4_BACKENDS`: one slot of a frontend's backend set.
+/// Key of `LB4_BACKENDS` and `LB6_BACKENDS`: one slot of a frontend's backend set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendSlotKey {
@@ -79,6 +96,17 @@ pub struct BackendSlotKey {
 pub struct Backend4 {
     /// Pod IP, network byte order.
     pub address: [u8; 4],
+    /// Target port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `LB6_BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend6 {
+    /// Pod IP, network byte order.
+    pub address: [u8; 16],
     /// Target port, host byte order.
     pub port: u16,
     pub _pad: u16,
@@ -152,6 +180,8 @@ mod user {
     unsafe impl aya::Pod for ServiceEntry {}
     unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for Frontend6Key {}
+    unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for ServiceName {}
 }
 
@@ -187,6 +217,16 @@ mod tests {
         assert_eq!(size_of::<Backend4>(), 8);
         assert_eq!(offset_of!(Backend4, port), 4);
         assert_eq!(offset_of!(Backend4, _pad), 6);
+    }
+
+    #[test]
+    fn ipv6_layout() {
+        assert_eq!(size_of::<Frontend6Key>(), 20);
+        assert_eq!(offset_of!(Frontend6Key, port), 16);
+        assert_eq!(offset_of!(Frontend6Key, protocol), 18);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(offset_of!(Backend6, port), 16);
+        assert_eq!(offset_of!(Backend6, _pad), 18);
     }
 
     #[test]

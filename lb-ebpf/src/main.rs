@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    Backend4, BackendSlotKey, Frontend4Key, MAX_BACKEND_SLOTS, MAX_SERVICES, ServiceEntry,
-    ServiceName,
+    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS,
+    MAX_SERVICES, ServiceEntry, ServiceName,
 };
 
 #[btf_map]
@@ -22,6 +22,16 @@ static LB4_SERVICES: HashMap<Frontend4Key, ServiceEntry, { MAX_SERVICES as usize
 
 #[btf_map]
 static LB4_BACKENDS: HashMap<BackendSlotKey, Backend4, { MAX_BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+/// IPv6 frontends: written by the agent and shown by `lb-agent list`; the connect6 program that
+/// will read them is still to come.
+#[btf_map]
+static LB6_SERVICES: HashMap<Frontend6Key, ServiceEntry, { MAX_SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+static LB6_BACKENDS: HashMap<BackendSlotKey, Backend6, { MAX_BACKEND_SLOTS as usize }> =
     HashMap::new();
 
 /// Read by `lb-agent list` only; declared here so it is created, typed (BTF) and pinned with the

@@ -76,6 +76,7 @@ fn main() {
             "list_shows_the_maps_and_reset_removes_the_datapath",
             list_and_reset,
         ),
+        ("dual_stack_service_lists_its_ipv6_frontend", dual_stack),
         (
             "kube_source_follows_the_real_wire_format_and_relists_after_410",
             kube_wire_format,
@@ -825,5 +826,59 @@ fn kube_restart() -> anyhow::Result<()> {
     let attempts = xtask::testbed::probe::collect(probe)?;
     let counts = answers(&attempts).context("across the restart")?;
     ensure!(counts.len() == 3, "{counts:?}");
+    Ok(())
+}
+
+fn dual_stack() -> anyhow::Result<()> {
+    let mut tb = testbed(&[])?;
+    tb.write_manifest(
+        "web.yaml",
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v4, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.1]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ["fd00:244::1"]}]
+"#,
+    )?;
+    let synced = tb
+        .start_agent()?
+        .wait_for(SYNCED, 0, Duration::from_secs(1))?;
+    ensure!(synced.contains("ipv6=1"), "{synced}");
+    let got = listing(&tb)?;
+    let expected: BTreeMap<String, (String, Vec<String>)> = [
+        (
+            "10.96.0.10:80/TCP".to_owned(),
+            entry("demo/web:http", &["10.244.1.1:8080"]),
+        ),
+        (
+            "fd00:96::10:80/TCP".to_owned(),
+            entry("demo/web:http", &["fd00:244::1:8080"]),
+        ),
+    ]
+    .into();
+    ensure!(got == expected, "{got:#?}");
+    let table = tb.agent_command(&["list"])?;
+    ensure!(
+        table.contains("[fd00:96::10]:80/TCP") && table.contains("[fd00:244::1]:8080"),
+        "{table}"
+    );
     Ok(())
 }

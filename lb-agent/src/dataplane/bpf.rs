@@ -20,13 +20,20 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, MapInfo},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use lb_common::{Backend4, BackendSlotKey, Frontend4Key, ServiceEntry, ServiceName};
+use lb_common::{
+    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, ServiceEntry, ServiceName,
+};
 use tracing::{debug, info};
 
-use super::{MapStore, Snapshot, plan::Write};
+use super::{
+    MapStore, Snapshot,
+    plan::{BackendAddr, Family, FrontendKey, Write},
+};
 
 pub const SERVICES_MAP: &str = "LB4_SERVICES";
 pub const BACKENDS_MAP: &str = "LB4_BACKENDS";
+pub const SERVICES6_MAP: &str = "LB6_SERVICES";
+pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
 pub const NAMES_MAP: &str = "LB_SVC_NAMES";
 pub const CONNECT4_PROGRAM: &str = "lb_connect4";
 /// Pin of the cgroup link that keeps `lb_connect4` attached.
@@ -38,7 +45,24 @@ const STAGING_LINK: &str = "connect4_link_new";
 
 /// Every pin lb makes, in the order `reset` removes them (link first: detaching stops the
 /// rewriting before the maps go away).
-const PINS: [&str; 4] = [CONNECT4_LINK, SERVICES_MAP, BACKENDS_MAP, NAMES_MAP];
+const PINS: [&str; 7] = [
+    CONNECT4_LINK,
+    STAGING_LINK,
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    SERVICES6_MAP,
+    BACKENDS6_MAP,
+    NAMES_MAP,
+];
+
+/// The maps, each pinned under its own name.
+const MAPS: [&str; 5] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    SERVICES6_MAP,
+    BACKENDS6_MAP,
+    NAMES_MAP,
+];
 
 /// The eBPF object, built from lb-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -46,10 +70,12 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// `statfs.f_type` of a BPF filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The three maps, with the key and value types of lb-common.
+/// The maps, with the key and value types of lb-common.
 pub struct BpfMaps {
     services: HashMap<MapData, Frontend4Key, ServiceEntry>,
     backends: HashMap<MapData, BackendSlotKey, Backend4>,
+    services6: HashMap<MapData, Frontend6Key, ServiceEntry>,
+    backends6: HashMap<MapData, BackendSlotKey, Backend6>,
     names: HashMap<MapData, u32, ServiceName>,
 }
 
@@ -74,6 +100,8 @@ impl BpfMaps {
         Ok(Self {
             services: typed(open(SERVICES_MAP)?, SERVICES_MAP)?,
             backends: typed(open(BACKENDS_MAP)?, BACKENDS_MAP)?,
+            services6: typed(open(SERVICES6_MAP)?, SERVICES6_MAP)?,
+            backends6: typed(open(BACKENDS6_MAP)?, BACKENDS6_MAP)?,
             names: typed(open(NAMES_MAP)?, NAMES_MAP)?,
         })
     }
@@ -86,6 +114,8 @@ impl BpfMaps {
         Ok(Self {
             services: typed(take(SERVICES_MAP)?, SERVICES_MAP)?,
             backends: typed(take(BACKENDS_MAP)?, BACKENDS_MAP)?,
+            services6: typed(take(SERVICES6_MAP)?, SERVICES6_MAP)?,
+            backends6: typed(take(BACKENDS6_MAP)?, BACKENDS6_MAP)?,
             names: typed(take(NAMES_MAP)?, NAMES_MAP)?,
         })
     }
@@ -99,46 +129,57 @@ fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashM
 
 impl MapStore for BpfMaps {
     fn write(&mut self, write: &Write) -> anyhow::Result<()> {
-        let result = match write {
-            Write::PutName(id, name) => self.names.insert(id, name, 0),
-            Write::PutBackend(key, backend) => self.backends.insert(key, backend, 0),
-            Write::PutService(key, entry) => self.services.insert(key, entry, 0),
-            Write::DeleteService(key) => ignore_missing(self.services.remove(key)),
-            Write::DeleteBackend(key) => ignore_missing(self.backends.remove(key)),
-            Write::DeleteName(id) => ignore_missing(self.names.remove(id)),
-        };
-        result.map_err(|error| {
-            let map = match write {
-                Write::PutName(..) | Write::DeleteName(..) => NAMES_MAP,
-                Write::PutBackend(..) | Write::DeleteBackend(..) => BACKENDS_MAP,
-                Write::PutService(..) | Write::DeleteService(..) => SERVICES_MAP,
-            };
-            match &error {
-                MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                    anyhow::anyhow!("map {map} is full")
-                }
-                _ => anyhow::Error::new(error).context(format!("writing map {map}")),
+        let (map, result) = match write {
+            Write::PutName(id, name) => (NAMES_MAP, self.names.insert(id, name, 0)),
+            Write::DeleteName(id) => (NAMES_MAP, ignore_missing(self.names.remove(id))),
+            Write::PutBackend(key, BackendAddr::V4(b)) => {
+                (BACKENDS_MAP, self.backends.insert(key, b, 0))
             }
+            Write::PutBackend(key, BackendAddr::V6(b)) => {
+                (BACKENDS6_MAP, self.backends6.insert(key, b, 0))
+            }
+            Write::DeleteBackend(Family::V4, key) => {
+                (BACKENDS_MAP, ignore_missing(self.backends.remove(key)))
+            }
+            Write::DeleteBackend(Family::V6, key) => {
+                (BACKENDS6_MAP, ignore_missing(self.backends6.remove(key)))
+            }
+            Write::PutService(FrontendKey::V4(k), e) => {
+                (SERVICES_MAP, self.services.insert(k, e, 0))
+            }
+            Write::PutService(FrontendKey::V6(k), e) => {
+                (SERVICES6_MAP, self.services6.insert(k, e, 0))
+            }
+            Write::DeleteService(FrontendKey::V4(k)) => {
+                (SERVICES_MAP, ignore_missing(self.services.remove(k)))
+            }
+            Write::DeleteService(FrontendKey::V6(k)) => {
+                (SERVICES6_MAP, ignore_missing(self.services6.remove(k)))
+            }
+        };
+        result.map_err(|error| match &error {
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                anyhow::anyhow!("map {map} is full")
+            }
+            _ => anyhow::Error::new(error).context(format!("writing map {map}")),
         })
     }
 
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        fn all<K: aya::Pod, V: aya::Pod>(
+            map: &HashMap<MapData, K, V>,
+            name: &str,
+        ) -> anyhow::Result<Vec<(K, V)>> {
+            map.iter()
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {name}"))
+        }
         Ok(Snapshot {
-            services: self
-                .services
-                .iter()
-                .collect::<Result<_, _>>()
-                .context("reading LB4_SERVICES")?,
-            backends: self
-                .backends
-                .iter()
-                .collect::<Result<_, _>>()
-                .context("reading LB4_BACKENDS")?,
-            names: self
-                .names
-                .iter()
-                .collect::<Result<_, _>>()
-                .context("reading LB_SVC_NAMES")?,
+            services4: all(&self.services, SERVICES_MAP)?,
+            backends4: all(&self.backends, BACKENDS_MAP)?,
+            services6: all(&self.services6, SERVICES6_MAP)?,
+            backends6: all(&self.backends6, BACKENDS6_MAP)?,
+            names: all(&self.names, NAMES_MAP)?,
         })
     }
 }
@@ -175,12 +216,13 @@ pub fn load_and_attach(
     check_pinned_layouts(pin_dir)?;
 
     let pin = |name: &str| pin_dir.join(name);
-    let (services, backends, names) = (pin(SERVICES_MAP), pin(BACKENDS_MAP), pin(NAMES_MAP));
+    let map_pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|name| (*name, pin(name))).collect();
     let level = log_level as u8;
-    let mut ebpf = EbpfLoader::new()
-        .map_pin_path(SERVICES_MAP, services.as_path())
-        .map_pin_path(BACKENDS_MAP, backends.as_path())
-        .map_pin_path(NAMES_MAP, names.as_path())
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
         .override_global(aya_log::LEVEL, &level, true)
         .load(EBPF_OBJECT)
         .context("loading the eBPF programs (is this a kernel with BTF, and are we root?)")?;
@@ -267,7 +309,7 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
 /// what was removed.
 pub fn reset(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for name in PINS.iter().chain([&STAGING_LINK]) {
+    for name in PINS {
         let path = pin_dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => removed.push(path),

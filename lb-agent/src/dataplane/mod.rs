@@ -13,20 +13,54 @@ use std::{
 };
 
 use lb_common::{
-    Backend4, BackendSlotKey, Frontend4Key, MAX_BACKENDS_PER_SERVICE, ServiceEntry, ServiceName,
+    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, MAX_BACKENDS_PER_SERVICE,
+    ServiceEntry, ServiceName,
 };
 use tracing::{debug, warn};
 
 use crate::model::FrontendState;
 use crate::model::{Backend, DesiredState, Frontend, Protocol, ServicePortName};
-use plan::{ChangeKind, Programmed, ProgrammedFrontend, Scope, Wanted, WantedFrontend, Write};
+use plan::{
+    BackendAddr, ChangeKind, Family, FrontendKey, Programmed, ProgrammedFrontend, Scope, Wanted,
+    WantedFrontend, Write,
+};
 
 /// Everything the maps hold, as read in one pass.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<(Frontend4Key, ServiceEntry)>,
-    pub backends: Vec<(BackendSlotKey, Backend4)>,
+    pub services4: Vec<(Frontend4Key, ServiceEntry)>,
+    pub backends4: Vec<(BackendSlotKey, Backend4)>,
+    pub services6: Vec<(Frontend6Key, ServiceEntry)>,
+    pub backends6: Vec<(BackendSlotKey, Backend6)>,
     pub names: Vec<(u32, ServiceName)>,
+}
+
+impl Snapshot {
+    /// Every service entry, of both families.
+    fn services(&self) -> impl Iterator<Item = (FrontendKey, ServiceEntry)> + '_ {
+        let v4 = self
+            .services4
+            .iter()
+            .map(|(k, e)| (FrontendKey::V4(*k), *e));
+        let v6 = self
+            .services6
+            .iter()
+            .map(|(k, e)| (FrontendKey::V6(*k), *e));
+        v4.chain(v6)
+    }
+
+    /// Every backend slot, by family.
+    fn backends(&self) -> BTreeMap<(Family, BackendSlotKey), BackendAddr> {
+        let v4 = self
+            .backends4
+            .iter()
+            .map(|(k, b)| ((Family::V4, *k), BackendAddr::V4(*b)));
+        let v6 = self
+            .backends6
+            .iter()
+            .map(|(k, b)| ((Family::V6, *k), BackendAddr::V6(*b)));
+        v4.chain(v6).collect()
+    }
 }
 
 /// The maps, as the dataplane needs them. Deleting a missing key is not an error.
@@ -43,8 +77,9 @@ pub struct ApplyReport {
     pub removed: usize,
     /// Frontends left as they were, and why.
     pub failed: Vec<(Frontend, String)>,
-    /// IPv6 frontends, which the IPv4 datapath does not program yet.
-    pub skipped_ipv6: usize,
+    /// IPv6 frontends among those wanted: in the maps and in `lb-agent list`, not yet served (no
+    /// connect6 program).
+    pub ipv6: usize,
 }
 
 impl ApplyReport {
@@ -95,7 +130,7 @@ impl<S: MapStore> Dataplane<S> {
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
         let wanted = self.wanted(changed.iter().map(|(f, s)| (f, s.as_ref())), &mut report);
-        let keys: BTreeSet<Frontend4Key> = changed.keys().filter_map(frontend_key).collect();
+        let keys: BTreeSet<FrontendKey> = changed.keys().map(frontend_key).collect();
         self.execute(&wanted, Scope::Only(&keys), report)
     }
 
@@ -134,8 +169,8 @@ impl<S: MapStore> Dataplane<S> {
         report
     }
 
-    /// The model's frontends as map contents: IPv4 only (`None` states are left out, so the plan
-    /// removes them); a frontend that cannot be programmed keeps what it has.
+    /// The model's frontends as map contents (`None` states are left out, so the plan removes
+    /// them); a frontend that cannot be programmed keeps what it has.
     fn wanted<'a>(
         &self,
         frontends: impl Iterator<Item = (&'a Frontend, Option<&'a FrontendState>)>,
@@ -143,22 +178,28 @@ impl<S: MapStore> Dataplane<S> {
     ) -> Wanted {
         let mut wanted = Wanted::new();
         for (frontend, state) in frontends {
-            let Some(key) = frontend_key(frontend) else {
-                debug!(%frontend, "IPv6 frontend not programmed: the datapath is IPv4 only");
-                report.skipped_ipv6 += 1;
-                continue;
-            };
+            let key = frontend_key(frontend);
             let Some(state) = state else { continue };
-            let backends: BTreeSet<Backend4> = state
+            if key.family() == Family::V6 {
+                debug!(%frontend, "IPv6 frontend in LB6 maps; not served until connect6 lands");
+                report.ipv6 += 1;
+            }
+            // The model pairs a frontend only with backends of its family.
+            let backends: BTreeSet<BackendAddr> = state
                 .backends
                 .iter()
-                .filter_map(|b| match b.address {
-                    IpAddr::V4(a) => Some(Backend4 {
+                .filter_map(|b| match (b.address, key.family()) {
+                    (IpAddr::V4(a), Family::V4) => Some(BackendAddr::V4(Backend4 {
                         address: a.octets(),
                         port: b.port,
                         _pad: 0,
-                    }),
-                    IpAddr::V6(_) => None, // the model never pairs families; be safe anyway
+                    })),
+                    (IpAddr::V6(a), Family::V6) => Some(BackendAddr::V6(Backend6 {
+                        address: a.octets(),
+                        port: b.port,
+                        _pad: 0,
+                    })),
+                    _ => None,
                 })
                 .collect();
             if backends.len() > usize::from(MAX_BACKENDS_PER_SERVICE) {
@@ -191,19 +232,23 @@ impl<S: MapStore> Dataplane<S> {
     /// entry reaches (left by an agent that stopped mid-change).
     fn reload(&mut self) -> anyhow::Result<()> {
         let snapshot = self.store.snapshot()?;
-        let backends: BTreeMap<BackendSlotKey, Backend4> = snapshot.backends.into_iter().collect();
-        let names: BTreeMap<u32, ServiceName> = snapshot.names.into_iter().collect();
+        let backends = snapshot.backends();
+        let names: BTreeMap<u32, ServiceName> = snapshot.names.iter().copied().collect();
 
         let mut programmed = Programmed::new();
-        for (frontend, entry) in snapshot.services {
+        for (frontend, entry) in snapshot.services() {
             let id = entry.service_id;
+            let family = frontend.family();
             let slots = (0..u32::from(entry.backend_count))
                 .map(|slot| {
                     backends
-                        .get(&BackendSlotKey {
-                            service_id: id,
-                            slot,
-                        })
+                        .get(&(
+                            family,
+                            BackendSlotKey {
+                                service_id: id,
+                                slot,
+                            },
+                        ))
                         .copied()
                 })
                 .collect();
@@ -221,24 +266,26 @@ impl<S: MapStore> Dataplane<S> {
             );
         }
 
-        let reachable: BTreeMap<u32, usize> = programmed
-            .values()
-            .map(|p| (p.service_id, p.slots.len()))
+        let reachable: BTreeMap<(Family, u32), usize> = programmed
+            .iter()
+            .map(|(k, p)| ((k.family(), p.service_id), p.slots.len()))
             .collect();
+        let ids: BTreeSet<u32> = programmed.values().map(|p| p.service_id).collect();
         let orphans = backends
             .keys()
-            .filter(|k| {
+            .filter(|(family, k)| {
                 reachable
-                    .get(&k.service_id)
+                    .get(&(*family, k.service_id))
                     .is_none_or(|&count| k.slot as usize >= count)
             })
-            .map(|k| Write::DeleteBackend(*k))
+            .map(|(family, k)| Write::DeleteBackend(*family, *k))
             .chain(
                 names
                     .keys()
-                    .filter(|id| !reachable.contains_key(id))
+                    .filter(|id| !ids.contains(id))
                     .map(|id| Write::DeleteName(*id)),
-            );
+            )
+            .collect::<Vec<_>>();
         for write in orphans {
             debug!(?write, "removing unreachable map entry");
             self.store.write(&write)?;
@@ -256,23 +303,46 @@ fn keep(current: &ProgrammedFrontend) -> WantedFrontend {
     }
 }
 
-fn frontend_key(frontend: &Frontend) -> Option<Frontend4Key> {
+fn frontend_key(frontend: &Frontend) -> FrontendKey {
+    let (port, protocol) = (frontend.port, frontend.protocol.number());
     match frontend.address {
-        IpAddr::V4(address) => Some(Frontend4Key {
-            address: address.octets(),
-            port: frontend.port,
-            protocol: frontend.protocol.number(),
+        IpAddr::V4(a) => FrontendKey::V4(Frontend4Key {
+            address: a.octets(),
+            port,
+            protocol,
             _pad: 0,
         }),
-        IpAddr::V6(_) => None,
+        IpAddr::V6(a) => FrontendKey::V6(Frontend6Key {
+            address: a.octets(),
+            port,
+            protocol,
+            _pad: 0,
+        }),
     }
 }
 
-fn frontend_of(key: &Frontend4Key) -> Frontend {
+fn frontend_of(key: &FrontendKey) -> Frontend {
+    let (address, port, protocol) = match key {
+        FrontendKey::V4(k) => (IpAddr::from(k.address), k.port, k.protocol),
+        FrontendKey::V6(k) => (IpAddr::from(k.address), k.port, k.protocol),
+    };
     Frontend {
-        address: IpAddr::from(key.address),
-        port: key.port,
-        protocol: Protocol::from_number(key.protocol).unwrap_or(Protocol::Tcp),
+        address,
+        port,
+        protocol: Protocol::from_number(protocol).unwrap_or(Protocol::Tcp),
+    }
+}
+
+fn backend_of(b: &BackendAddr) -> Backend {
+    match b {
+        BackendAddr::V4(b) => Backend {
+            address: IpAddr::from(b.address),
+            port: b.port,
+        },
+        BackendAddr::V6(b) => Backend {
+            address: IpAddr::from(b.address),
+            port: b.port,
+        },
     }
 }
 
@@ -289,19 +359,19 @@ pub struct FrontendView {
 
 /// Reads every frontend from a snapshot, sorted by Service then frontend.
 pub fn view(snapshot: &Snapshot) -> Vec<FrontendView> {
-    let backends: BTreeMap<BackendSlotKey, Backend4> = snapshot.backends.iter().copied().collect();
+    let backends = snapshot.backends();
     let names: BTreeMap<u32, ServiceName> = snapshot.names.iter().copied().collect();
     let mut out: Vec<FrontendView> = snapshot
-        .services
-        .iter()
+        .services()
         .map(|(key, entry)| {
             let name = names.get(&entry.service_id);
-            let slots: Vec<Option<&Backend4>> = (0..u32::from(entry.backend_count))
+            let slots: Vec<Option<&BackendAddr>> = (0..u32::from(entry.backend_count))
                 .map(|slot| {
-                    backends.get(&BackendSlotKey {
+                    let slot = BackendSlotKey {
                         service_id: entry.service_id,
                         slot,
-                    })
+                    };
+                    backends.get(&(key.family(), slot))
                 })
                 .collect();
             FrontendView {
@@ -310,16 +380,9 @@ pub fn view(snapshot: &Snapshot) -> Vec<FrontendView> {
                     name: name.map(|n| n.name().to_owned()).unwrap_or_default(),
                     port: name.map(|n| n.port_name().to_owned()).unwrap_or_default(),
                 },
-                frontend: frontend_of(key),
+                frontend: frontend_of(&key),
                 missing_slots: slots.iter().filter(|s| s.is_none()).count(),
-                backends: slots
-                    .into_iter()
-                    .flatten()
-                    .map(|b| Backend {
-                        address: IpAddr::from(b.address),
-                        port: b.port,
-                    })
-                    .collect(),
+                backends: slots.into_iter().flatten().map(backend_of).collect(),
             }
         })
         .collect();

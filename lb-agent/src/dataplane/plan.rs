@@ -19,7 +19,39 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend4, BackendSlotKey, Frontend4Key, ServiceEntry, ServiceName};
+use lb_common::{
+    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, ServiceEntry, ServiceName,
+};
+
+/// Which pair of service and backend maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// A key of `LB4_SERVICES` or `LB6_SERVICES`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKey {
+    V4(Frontend4Key),
+    V6(Frontend6Key),
+}
+
+impl FrontendKey {
+    pub fn family(&self) -> Family {
+        match self {
+            FrontendKey::V4(_) => Family::V4,
+            FrontendKey::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// A value of `LB4_BACKENDS` or `LB6_BACKENDS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendAddr {
+    V4(Backend4),
+    V6(Backend6),
+}
 
 /// What the maps hold for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,27 +60,27 @@ pub struct ProgrammedFrontend {
     pub name: ServiceName,
     /// Slot `i` is `slots[i]`; `None` where the map lacks a slot below the count (only after an
     /// interrupted write by an earlier agent), which the next plan rewrites.
-    pub slots: Vec<Option<Backend4>>,
+    pub slots: Vec<Option<BackendAddr>>,
 }
 
 /// What the model wants for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WantedFrontend {
     pub name: ServiceName,
-    pub backends: BTreeSet<Backend4>,
+    pub backends: BTreeSet<BackendAddr>,
 }
 
-pub type Programmed = BTreeMap<Frontend4Key, ProgrammedFrontend>;
-pub type Wanted = BTreeMap<Frontend4Key, WantedFrontend>;
+pub type Programmed = BTreeMap<FrontendKey, ProgrammedFrontend>;
+pub type Wanted = BTreeMap<FrontendKey, WantedFrontend>;
 
-/// One map update.
+/// One map update. A backend's family says which backend map it goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     PutName(u32, ServiceName),
-    PutBackend(BackendSlotKey, Backend4),
-    PutService(Frontend4Key, ServiceEntry),
-    DeleteService(Frontend4Key),
-    DeleteBackend(BackendSlotKey),
+    PutBackend(BackendSlotKey, BackendAddr),
+    PutService(FrontendKey, ServiceEntry),
+    DeleteService(FrontendKey),
+    DeleteBackend(Family, BackendSlotKey),
     DeleteName(u32),
 }
 
@@ -62,7 +94,7 @@ pub enum ChangeKind {
 /// The writes for one frontend, in the order they must be made, and what the maps then hold.
 #[derive(Clone, Debug)]
 pub struct FrontendChange {
-    pub frontend: Frontend4Key,
+    pub frontend: FrontendKey,
     pub kind: ChangeKind,
     pub writes: Vec<Write>,
     /// The frontend once `writes` are done; `None` when removed.
@@ -75,7 +107,7 @@ pub enum Scope<'a> {
     /// All: a programmed frontend that is not wanted is removed.
     All,
     /// Only these: other programmed frontends are left alone.
-    Only(&'a BTreeSet<Frontend4Key>),
+    Only(&'a BTreeSet<FrontendKey>),
 }
 
 /// Plans the changes that turn `programmed` into `wanted` within `scope`: removals first (they
@@ -86,7 +118,7 @@ pub fn plan(programmed: &Programmed, wanted: &Wanted, scope: Scope) -> Vec<Front
     let mut updated = Vec::new();
     let mut added = Vec::new();
 
-    let in_scope = |frontend: &Frontend4Key| match scope {
+    let in_scope = |frontend: &FrontendKey| match scope {
         Scope::All => true,
         Scope::Only(keys) => keys.contains(frontend),
     };
@@ -104,8 +136,8 @@ pub fn plan(programmed: &Programmed, wanted: &Wanted, scope: Scope) -> Vec<Front
     removed.into_iter().chain(updated).chain(added).collect()
 }
 
-fn add(frontend: Frontend4Key, want: &WantedFrontend, service_id: u32) -> FrontendChange {
-    let slots: Vec<Backend4> = want.backends.iter().copied().collect();
+fn add(frontend: FrontendKey, want: &WantedFrontend, service_id: u32) -> FrontendChange {
+    let slots: Vec<BackendAddr> = want.backends.iter().copied().collect();
     let mut writes = vec![Write::PutName(service_id, want.name)];
     writes.extend(
         slots
@@ -127,7 +159,7 @@ fn add(frontend: Frontend4Key, want: &WantedFrontend, service_id: u32) -> Fronte
 }
 
 fn update(
-    frontend: Frontend4Key,
+    frontend: FrontendKey,
     current: &ProgrammedFrontend,
     want: &WantedFrontend,
 ) -> Option<FrontendChange> {
@@ -145,8 +177,10 @@ fn update(
     if slots.len() != current.slots.len() {
         writes.push(Write::PutService(frontend, entry(id, slots.len())));
     }
+    let family = frontend.family();
     writes.extend(
-        (slots.len()..current.slots.len()).map(|slot| Write::DeleteBackend(slot_key(id, slot))),
+        (slots.len()..current.slots.len())
+            .map(|slot| Write::DeleteBackend(family, slot_key(id, slot))),
     );
     if writes.is_empty() {
         return None;
@@ -163,10 +197,13 @@ fn update(
     })
 }
 
-fn remove(frontend: Frontend4Key, current: &ProgrammedFrontend) -> FrontendChange {
+fn remove(frontend: FrontendKey, current: &ProgrammedFrontend) -> FrontendChange {
     let id = current.service_id;
     let mut writes = vec![Write::DeleteService(frontend)];
-    writes.extend((0..current.slots.len()).map(|slot| Write::DeleteBackend(slot_key(id, slot))));
+    let family = frontend.family();
+    writes.extend(
+        (0..current.slots.len()).map(|slot| Write::DeleteBackend(family, slot_key(id, slot))),
+    );
     writes.push(Write::DeleteName(id));
     FrontendChange {
         frontend,
@@ -179,12 +216,12 @@ fn remove(frontend: Frontend4Key, current: &ProgrammedFrontend) -> FrontendChang
 /// New slot order for `wanted`: backends that stay keep their slot, new ones fill the freed slots
 /// (lowest first) and then the end; if the set shrank, the last backends move down into the holes
 /// so that slots stay dense.
-fn relayout(current: &[Option<Backend4>], wanted: &BTreeSet<Backend4>) -> Vec<Backend4> {
-    let mut slots: Vec<Option<Backend4>> = current
+fn relayout(current: &[Option<BackendAddr>], wanted: &BTreeSet<BackendAddr>) -> Vec<BackendAddr> {
+    let mut slots: Vec<Option<BackendAddr>> = current
         .iter()
         .map(|b| b.filter(|b| wanted.contains(b)))
         .collect();
-    let kept: BTreeSet<Backend4> = slots.iter().flatten().copied().collect();
+    let kept: BTreeSet<BackendAddr> = slots.iter().flatten().copied().collect();
     let mut new = wanted.iter().filter(|b| !kept.contains(b)).copied();
 
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
@@ -248,23 +285,29 @@ impl IdAllocator {
 mod tests {
     use super::*;
 
-    fn b(last: u8) -> Backend4 {
-        Backend4 {
+    fn b(last: u8) -> BackendAddr {
+        BackendAddr::V4(Backend4 {
             address: [10, 244, 0, last],
             port: 8080,
             _pad: 0,
-        }
+        })
     }
 
-    fn set(lasts: &[u8]) -> BTreeSet<Backend4> {
+    fn set(lasts: &[u8]) -> BTreeSet<BackendAddr> {
         lasts.iter().map(|&l| b(l)).collect()
     }
 
-    fn lasts(slots: &[Backend4]) -> Vec<u8> {
-        slots.iter().map(|b| b.address[3]).collect()
+    fn lasts(slots: &[BackendAddr]) -> Vec<u8> {
+        slots
+            .iter()
+            .map(|b| match b {
+                BackendAddr::V4(b) => b.address[3],
+                BackendAddr::V6(b) => b.address[15],
+            })
+            .collect()
     }
 
-    fn current(lasts: &[u8]) -> Vec<Option<Backend4>> {
+    fn current(lasts: &[u8]) -> Vec<Option<BackendAddr>> {
         lasts.iter().map(|&l| Some(b(l))).collect()
     }
 
@@ -296,12 +339,12 @@ mod tests {
 
     #[test]
     fn unchanged_frontend_plans_nothing_and_one_endpoint_change_one_write() {
-        let fe = Frontend4Key {
+        let fe = FrontendKey::V4(Frontend4Key {
             address: [10, 96, 0, 10],
             port: 80,
             protocol: 6,
             _pad: 0,
-        };
+        });
         let name = ServiceName::new("shop", "web", "http");
         let programmed: Programmed = [(
             fe,

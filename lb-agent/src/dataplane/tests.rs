@@ -12,28 +12,28 @@ use crate::model::FrontendState;
 
 #[derive(Default)]
 struct MemStore {
-    services: BTreeMap<Frontend4Key, ServiceEntry>,
-    backends: BTreeMap<BackendSlotKey, Backend4>,
+    services: BTreeMap<FrontendKey, ServiceEntry>,
+    backends: BTreeMap<(Family, BackendSlotKey), BackendAddr>,
     names: BTreeMap<u32, ServiceName>,
     writes: usize,
     /// Fails writes of a service entry for this port.
     fail_port: Option<u16>,
     /// Backends each frontend port may show during the current apply.
-    allowed: BTreeMap<u16, BTreeSet<Backend4>>,
+    allowed: BTreeMap<u16, BTreeSet<BackendAddr>>,
     violations: Vec<String>,
 }
 
 impl MapStore for MemStore {
     fn write(&mut self, write: &Write) -> anyhow::Result<()> {
         match write {
-            Write::PutService(k, _) if Some(k.port) == self.fail_port => {
+            Write::PutService(k, _) if Some(port(k)) == self.fail_port => {
                 anyhow::bail!("map full")
             }
             Write::PutName(id, n) => drop(self.names.insert(*id, *n)),
-            Write::PutBackend(k, b) => drop(self.backends.insert(*k, *b)),
+            Write::PutBackend(k, b) => drop(self.backends.insert((family(b), *k), *b)),
             Write::PutService(k, e) => drop(self.services.insert(*k, *e)),
             Write::DeleteService(k) => drop(self.services.remove(k)),
-            Write::DeleteBackend(k) => drop(self.backends.remove(k)),
+            Write::DeleteBackend(f, k) => drop(self.backends.remove(&(*f, *k))),
             Write::DeleteName(id) => drop(self.names.remove(id)),
         }
         self.writes += 1;
@@ -42,11 +42,37 @@ impl MapStore for MemStore {
     }
 
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        Ok(Snapshot {
-            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
-            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        let mut snapshot = Snapshot {
             names: self.names.iter().map(|(k, v)| (*k, *v)).collect(),
-        })
+            ..Default::default()
+        };
+        for (key, entry) in &self.services {
+            match key {
+                FrontendKey::V4(k) => snapshot.services4.push((*k, *entry)),
+                FrontendKey::V6(k) => snapshot.services6.push((*k, *entry)),
+            }
+        }
+        for ((_, key), backend) in &self.backends {
+            match backend {
+                BackendAddr::V4(b) => snapshot.backends4.push((*key, *b)),
+                BackendAddr::V6(b) => snapshot.backends6.push((*key, *b)),
+            }
+        }
+        Ok(snapshot)
+    }
+}
+
+fn port(key: &FrontendKey) -> u16 {
+    match key {
+        FrontendKey::V4(k) => k.port,
+        FrontendKey::V6(k) => k.port,
+    }
+}
+
+fn family(backend: &BackendAddr) -> Family {
+    match backend {
+        BackendAddr::V4(_) => Family::V4,
+        BackendAddr::V6(_) => Family::V6,
     }
 }
 
@@ -58,16 +84,17 @@ impl MemStore {
                     service_id: entry.service_id,
                     slot,
                 };
-                match self.backends.get(&key) {
+                let port = port(frontend);
+                match self.backends.get(&(frontend.family(), key)) {
                     None => self
                         .violations
-                        .push(format!("port {}: slot {slot} missing", frontend.port)),
+                        .push(format!("port {port}: slot {slot} missing")),
                     Some(b) => {
-                        if let Some(allowed) = self.allowed.get(&frontend.port)
+                        if let Some(allowed) = self.allowed.get(&port)
                             && !allowed.contains(b)
                         {
                             self.violations
-                                .push(format!("port {}: slot {slot} holds {b:?}", frontend.port));
+                                .push(format!("port {port}: slot {slot} holds {b:?}"));
                         }
                     }
                 }
@@ -75,16 +102,17 @@ impl MemStore {
         }
     }
 
-    /// Backends a connect to `port` reaches, as a set.
-    fn reachable(&self, port: u16) -> Option<BTreeSet<Backend4>> {
-        let (_, entry) = self.services.iter().find(|(k, _)| k.port == port)?;
+    /// Backends a connect to `port` (of either family) reaches, as a set.
+    fn reachable(&self, wanted: u16) -> Option<BTreeSet<BackendAddr>> {
+        let (key, entry) = self.services.iter().find(|(k, _)| port(k) == wanted)?;
         Some(
             (0..u32::from(entry.backend_count))
                 .map(|slot| {
-                    self.backends[&BackendSlotKey {
+                    let slot = BackendSlotKey {
                         service_id: entry.service_id,
                         slot,
-                    }]
+                    };
+                    self.backends[&(key.family(), slot)]
                 })
                 .collect(),
         )
@@ -98,12 +126,12 @@ fn backend(last: u8) -> Backend {
     }
 }
 
-fn backend4(last: u8) -> Backend4 {
-    Backend4 {
+fn backend4(last: u8) -> BackendAddr {
+    BackendAddr::V4(Backend4 {
         address: [10, 244, 0, last],
         port: 8080,
         _pad: 0,
-    }
+    })
 }
 
 fn frontend(port: u16) -> Frontend {
@@ -151,7 +179,7 @@ fn step(dp: &mut Dataplane<MemStore>, next: &[(u16, &[u8])]) -> ApplyReport {
         "a connect saw a bad set"
     );
     for (port, lasts) in next {
-        let want: BTreeSet<Backend4> = lasts.iter().map(|&l| backend4(l)).collect();
+        let want: BTreeSet<BackendAddr> = lasts.iter().map(|&l| backend4(l)).collect();
         assert_eq!(dp.store.reachable(*port), Some(want.clone()));
         dp.store.allowed.insert(*port, want);
     }
@@ -212,22 +240,28 @@ fn adopting_maps_keeps_them_and_removes_only_unreachable_entries() {
     let id80 = store
         .services
         .iter()
-        .find(|(k, _)| k.port == 80)
+        .find(|(k, _)| port(k) == 80)
         .unwrap()
         .1
         .service_id;
     store.backends.insert(
-        BackendSlotKey {
-            service_id: id80,
-            slot: 3,
-        },
+        (
+            Family::V4,
+            BackendSlotKey {
+                service_id: id80,
+                slot: 3,
+            },
+        ),
         backend4(9),
     );
     store.backends.insert(
-        BackendSlotKey {
-            service_id: 999,
-            slot: 0,
-        },
+        (
+            Family::V4,
+            BackendSlotKey {
+                service_id: 999,
+                slot: 0,
+            },
+        ),
         backend4(9),
     );
     store.names.insert(999, ServiceName::new("x", "y", ""));
@@ -294,20 +328,39 @@ fn too_many_backends_keeps_the_previous_set() {
 }
 
 #[test]
-fn ipv6_frontends_are_counted_not_programmed() {
+fn ipv6_frontends_go_to_the_ipv6_maps_with_their_own_ids() {
     let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
     let mut state = desired(&[(80, &[1])]);
-    state.frontends.insert(
-        Frontend {
-            address: "fd00::10".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-        },
-        state.frontends[&frontend(80)].clone(),
-    );
+    let v6 = Frontend {
+        address: "fd00::10".parse().unwrap(),
+        port: 443,
+        protocol: Protocol::Tcp,
+    };
+    let v6_backend = Backend {
+        address: "fd00:244::1".parse().unwrap(),
+        port: 8443,
+    };
+    let mut v6_state = state.frontends[&frontend(80)].clone();
+    v6_state.backends = [v6_backend].into();
+    state.frontends.insert(v6, v6_state);
+
     let r = dp.apply(&state);
-    assert_eq!((r.added, r.skipped_ipv6), (1, 1));
-    assert_eq!(dp.store.services.len(), 1);
+    assert_eq!((r.added, r.ipv6), (2, 1));
+    let keys: Vec<Family> = dp.store.services.keys().map(FrontendKey::family).collect();
+    assert_eq!(keys, [Family::V4, Family::V6]);
+    let ids: BTreeSet<u32> = dp.store.services.values().map(|e| e.service_id).collect();
+    assert_eq!(ids.len(), 2, "one id space for both families");
+    assert!(matches!(
+        dp.store.reachable(443).unwrap().first(),
+        Some(BackendAddr::V6(_))
+    ));
+
+    let rows = view(&dp.store.snapshot().unwrap());
+    let row = rows
+        .iter()
+        .find(|r| r.frontend == v6)
+        .expect("the IPv6 frontend is listed");
+    assert_eq!(row.backends, [v6_backend]);
 }
 
 #[test]
