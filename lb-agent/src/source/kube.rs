@@ -64,7 +64,7 @@ impl Kind {
 pub enum Change {
     Services(watcher::Event<Service>),
     EndpointSlices(watcher::Event<EndpointSlice>),
-    Node(watcher::Event<Node>),
+    Node(Box<watcher::Event<Node>>),
 }
 
 /// One item of the merged watch streams.
@@ -96,7 +96,7 @@ pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Upda
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let node = follow(Api::<Node>::all(client), config).map(|r| Update {
             kind: Kind::Node,
-            change: r.map(Change::Node),
+            change: r.map(|e| Change::Node(Box::new(e))),
         });
         streams.push(node.boxed());
     }
@@ -247,7 +247,7 @@ impl KubeState {
                 }
             }
             Change::Node(event) => {
-                let mut event = Some(event);
+                let mut event = Some(*event);
                 let node = match self.node.list_event(&mut event) {
                     Some(mut all) => all.pop(),
                     None => match event {
