@@ -62,7 +62,7 @@ impl Kind {
 }
 
 pub enum Change {
-    Services(watcher::Event<Service>),
+    Services(Box<watcher::Event<Service>>),
     EndpointSlices(watcher::Event<EndpointSlice>),
     Node(Box<watcher::Event<Node>>),
 }
@@ -81,7 +81,7 @@ pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Upda
     )
     .map(|r| Update {
         kind: Kind::Services,
-        change: r.map(Change::Services),
+        change: r.map(|e| Change::Services(Box::new(e))),
     });
     let slices = follow(
         Api::<EndpointSlice>::all(client.clone()),
@@ -221,7 +221,7 @@ impl KubeState {
     pub fn apply(&mut self, change: Change) {
         match change {
             Change::Services(event) => {
-                let mut event = Some(event);
+                let mut event = Some(*event);
                 if let Some(all) = self.services.list_event(&mut event) {
                     self.cluster.replace_services(all);
                 }
