@@ -61,9 +61,10 @@ impl Kind {
     }
 }
 
+/// One watch event (boxed: the objects are large and of very different sizes).
 pub enum Change {
     Services(Box<watcher::Event<Service>>),
-    EndpointSlices(watcher::Event<EndpointSlice>),
+    EndpointSlices(Box<watcher::Event<EndpointSlice>>),
     Node(Box<watcher::Event<Node>>),
 }
 
@@ -89,7 +90,7 @@ pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Upda
     )
     .map(|r| Update {
         kind: Kind::EndpointSlices,
-        change: r.map(Change::EndpointSlices),
+        change: r.map(|e| Change::EndpointSlices(Box::new(e))),
     });
     let mut streams: Vec<BoxStream<'static, Update>> = vec![services.boxed(), slices.boxed()];
     if let Some(name) = node_name {
@@ -234,7 +235,7 @@ impl KubeState {
                 }
             }
             Change::EndpointSlices(event) => {
-                let mut event = Some(event);
+                let mut event = Some(*event);
                 if let Some(all) = self.slices.list_event(&mut event) {
                     self.cluster.replace_slices(all);
                 }
