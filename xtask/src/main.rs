@@ -141,6 +141,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
                 "xtask",
                 "--lib",
                 "--bins",
+                "--test",
+                "deploy",
             ],
         ),
         (
