@@ -123,6 +123,18 @@ fn web_manifest(pods: &[&PodSpec]) -> String {
     ])
 }
 
+/// Starts connecting to `web` every `interval_ms` for `duration_ms`, in the background.
+fn probe_web_for(
+    tb: &Testbed,
+    duration_ms: u64,
+    interval_ms: u64,
+) -> anyhow::Result<std::process::Child> {
+    let mut args = tb.probe_args(web(), 100_000);
+    args.duration_ms = Some(duration_ms);
+    args.interval_ms = interval_ms;
+    tb.spawn_probe(&args)
+}
+
 /// Answers by pod name; fails on any attempt that got no answer.
 fn answers(attempts: &[Attempt]) -> anyhow::Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
@@ -172,10 +184,7 @@ fn scale_up() -> anyhow::Result<()> {
     )?;
     tb.start_agent()?;
 
-    let mut args = tb.probe_args(web(), 100_000);
-    args.duration_ms = Some(2_500);
-    args.interval_ms = 2;
-    let probe = tb.spawn_probe(&args)?;
+    let probe = probe_web_for(&tb, 2_500, 2)?;
     thread::sleep(Duration::from_millis(500));
     let written_at = now_us();
     tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
@@ -357,10 +366,7 @@ fn restart() -> anyhow::Result<()> {
     tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
     tb.start_agent()?;
 
-    let mut args = tb.probe_args(web(), 100_000);
-    args.duration_ms = Some(4_000);
-    args.interval_ms = 5;
-    let probe = tb.spawn_probe(&args)?;
+    let probe = probe_web_for(&tb, 4_000, 5)?;
     thread::sleep(Duration::from_millis(500));
     tb.stop_agent()?;
     let stopped_at = now_us();
@@ -738,18 +744,21 @@ fn kube_wire_format() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kube_outage() -> anyhow::Result<()> {
+/// Three web pods, and an API server serving the web Service and its slice to the agent.
+fn kube_web_testbed() -> anyhow::Result<(Vec<PodSpec>, Testbed, FakeApi)> {
     let pods = PodSpec::numbered("web", 3, &[HTTP]);
     let mut tb = testbed(&pods)?;
     let api = FakeApi::start()?;
     serve_objects(&api, &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
     tb.use_api(&api, None)?;
     tb.start_agent()?;
+    Ok((pods, tb, api))
+}
 
-    let mut args = tb.probe_args(web(), 100_000);
-    args.duration_ms = Some(2_500);
-    args.interval_ms = 5;
-    let probe = tb.spawn_probe(&args)?;
+fn kube_outage() -> anyhow::Result<()> {
+    let (pods, mut tb, api) = kube_web_testbed()?;
+
+    let probe = probe_web_for(&tb, 2_500, 5)?;
     thread::sleep(Duration::from_millis(300));
     let mark = tb.agent().mark();
     api.set_down(true);
@@ -785,17 +794,9 @@ fn kube_outage() -> anyhow::Result<()> {
 }
 
 fn kube_restart() -> anyhow::Result<()> {
-    let pods = PodSpec::numbered("web", 3, &[HTTP]);
-    let mut tb = testbed(&pods)?;
-    let api = FakeApi::start()?;
-    serve_objects(&api, &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
-    tb.use_api(&api, None)?;
-    tb.start_agent()?;
+    let (_, mut tb, api) = kube_web_testbed()?;
 
-    let mut args = tb.probe_args(web(), 100_000);
-    args.duration_ms = Some(3_000);
-    args.interval_ms = 5;
-    let probe = tb.spawn_probe(&args)?;
+    let probe = probe_web_for(&tb, 3_000, 5)?;
     thread::sleep(Duration::from_millis(300));
     tb.stop_agent()?;
 

@@ -166,26 +166,33 @@ impl<K> Default for Listing<K> {
     }
 }
 
+/// What a watch event means for the model.
+enum Feed<K> {
+    /// Part of a list still coming in.
+    Pending,
+    /// A list is complete: these are all the objects.
+    Replace(Vec<K>),
+    Upsert(K),
+    Delete(K),
+}
+
 impl<K> Listing<K> {
-    /// Feeds one event; returns the complete list when one has just finished.
-    fn list_event(&mut self, event: &mut Option<watcher::Event<K>>) -> Option<Vec<K>> {
-        match event.take()? {
+    fn feed(&mut self, event: watcher::Event<K>) -> Feed<K> {
+        match event {
             watcher::Event::Init => {
                 self.buffer = Some(Vec::new());
-                None
+                Feed::Pending
             }
             watcher::Event::InitApply(object) => {
                 self.buffer.get_or_insert_with(Vec::new).push(object);
-                None
+                Feed::Pending
             }
             watcher::Event::InitDone => {
                 self.synced = true;
-                Some(self.buffer.take().unwrap_or_default())
+                Feed::Replace(self.buffer.take().unwrap_or_default())
             }
-            other => {
-                *event = Some(other); // an Apply or Delete: for the caller
-                None
-            }
+            watcher::Event::Apply(object) => Feed::Upsert(object),
+            watcher::Event::Delete(object) => Feed::Delete(object),
         }
     }
 }
@@ -220,48 +227,36 @@ impl KubeState {
     }
 
     pub fn apply(&mut self, change: Change) {
+        let cluster = &mut self.cluster;
         match change {
-            Change::Services(event) => {
-                let mut event = Some(*event);
-                if let Some(all) = self.services.list_event(&mut event) {
-                    self.cluster.replace_services(all);
-                }
-                match event {
-                    Some(watcher::Event::Apply(svc)) => self.cluster.upsert_service(svc),
-                    Some(watcher::Event::Delete(svc)) => self
-                        .cluster
-                        .delete_service(&svc.namespace().unwrap_or_default(), &svc.name_any()),
-                    _ => {}
-                }
-            }
-            Change::EndpointSlices(event) => {
-                let mut event = Some(*event);
-                if let Some(all) = self.slices.list_event(&mut event) {
-                    self.cluster.replace_slices(all);
-                }
-                match event {
-                    Some(watcher::Event::Apply(slice)) => self.cluster.upsert_slice(slice),
-                    Some(watcher::Event::Delete(slice)) => self
-                        .cluster
-                        .delete_slice(&slice.namespace().unwrap_or_default(), &slice.name_any()),
-                    _ => {}
-                }
-            }
+            Change::Services(event) => match self.services.feed(*event) {
+                Feed::Replace(all) => cluster.replace_services(all),
+                Feed::Upsert(svc) => cluster.upsert_service(svc),
+                Feed::Delete(svc) => cluster.delete_service(&namespace(&svc), &svc.name_any()),
+                Feed::Pending => {}
+            },
+            Change::EndpointSlices(event) => match self.slices.feed(*event) {
+                Feed::Replace(all) => cluster.replace_slices(all),
+                Feed::Upsert(slice) => cluster.upsert_slice(slice),
+                Feed::Delete(slice) => cluster.delete_slice(&namespace(&slice), &slice.name_any()),
+                Feed::Pending => {}
+            },
             Change::Node(event) => {
-                let mut event = Some(*event);
-                let node = match self.node.list_event(&mut event) {
-                    Some(mut all) => all.pop(),
-                    None => match event {
-                        Some(watcher::Event::Apply(node)) => Some(node),
-                        Some(watcher::Event::Delete(_)) => None,
-                        _ => return,
-                    },
+                // Watched by name: a list holds this node or nothing.
+                let node = match self.node.feed(*event) {
+                    Feed::Replace(mut all) => all.pop(),
+                    Feed::Upsert(node) => Some(node),
+                    Feed::Delete(_) => None,
+                    Feed::Pending => return,
                 };
-                let zone = node.and_then(|n| n.labels().get(ZONE_LABEL).cloned());
-                let mut context = self.cluster.node().clone();
-                context.zone = zone;
-                self.cluster.set_node(context);
+                let mut context = cluster.node().clone();
+                context.zone = node.and_then(|n| n.labels().get(ZONE_LABEL).cloned());
+                cluster.set_node(context);
             }
         }
     }
+}
+
+fn namespace(object: &impl kube::ResourceExt) -> String {
+    object.namespace().unwrap_or_default()
 }
