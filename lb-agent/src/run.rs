@@ -1,7 +1,12 @@
 //! `lb-agent run`: attach the datapath, then keep its maps in step with a source (the Kubernetes
 //! API, or manifest files) until SIGTERM.
 
-use std::{collections::BTreeSet, path::Path, pin::pin};
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    pin::pin,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use futures::{FutureExt as _, StreamExt as _};
@@ -178,20 +183,28 @@ async fn follow_kube(
             continue;
         }
 
+        let started = Instant::now();
         let sync = state.cluster.sync();
+        let model = started.elapsed();
         for problem in &sync.problems {
             warn!("{problem}");
         }
+        if programmed && sync.changed.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
         let report = if programmed {
-            if sync.changed.is_empty() {
-                continue;
-            }
             dataplane.apply_changes(&sync.changed)
         } else {
             // First full view: bring the adopted maps to it, removing what is gone.
             dataplane.apply(state.cluster.state())
         };
-        log_report(&report, dataplane.len(), events, sync.services);
+        let timings = Timings {
+            model,
+            apply: started.elapsed(),
+            ..Default::default()
+        };
+        log_report(&report, dataplane.len(), events, sync.services, timings);
         if !programmed {
             programmed = true;
             health.set_ready();
@@ -250,6 +263,7 @@ fn sync_manifests(
     node: &NodeContext,
     root: &Path,
 ) {
+    let started = Instant::now();
     let snapshot = match source.load() {
         Ok(s) => s,
         Err(e) => {
@@ -257,6 +271,7 @@ fn sync_manifests(
             return;
         }
     };
+    let read = started.elapsed();
     for problem in &snapshot.errors {
         warn!("{problem}");
     }
@@ -267,7 +282,9 @@ fn sync_manifests(
         .iter()
         .find(|n| n.metadata.name.is_some() && n.metadata.name == node.name)
         .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned());
+    let started = Instant::now();
     let translation = model::translate(&snapshot.services, &snapshot.slices, &node);
+    let model = started.elapsed();
     for problem in &translation.problems {
         let file = snapshot
             .origins
@@ -276,11 +293,31 @@ fn sync_manifests(
             .unwrap_or(root);
         warn!("{}: {problem}", file.display());
     }
+    let started = Instant::now();
     let report = dataplane.apply(&translation.state);
-    log_report(&report, dataplane.len(), 1, snapshot.services.len());
+    let timings = Timings {
+        read,
+        model,
+        apply: started.elapsed(),
+    };
+    log_report(
+        &report,
+        dataplane.len(),
+        1,
+        snapshot.services.len(),
+        timings,
+    );
 }
 
-fn log_report(report: &ApplyReport, frontends: usize, events: usize, services: usize) {
+/// Where a sync's time went: reading the source, the model, writing the maps.
+#[derive(Default)]
+struct Timings {
+    read: Duration,
+    model: Duration,
+    apply: Duration,
+}
+
+fn log_report(report: &ApplyReport, frontends: usize, events: usize, services: usize, t: Timings) {
     for (frontend, reason) in &report.failed {
         error!(%frontend, "not programmed, kept as it was: {reason}");
     }
@@ -293,6 +330,9 @@ fn log_report(report: &ApplyReport, frontends: usize, events: usize, services: u
         ipv6 = report.ipv6,
         events,
         services,
+        read_us = t.read.as_micros() as u64,
+        model_us = t.model.as_micros() as u64,
+        apply_us = t.apply.as_micros() as u64,
         "dataplane synced"
     );
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, demo, test (and the probe helper the testbed runs).
 //! New machines start with `xtask/run`, which installs the toolchain first.
 
+mod bench;
 mod demo;
 
 use std::{
@@ -30,6 +31,13 @@ enum Task {
     },
     /// Walk through lb on veth namespaces and the manifests in deploy/examples.
     Demo,
+    /// Benchmarks: lb against no load balancer and kube-proxy's iptables shape (root; several
+    /// minutes). Prints a table; the JSON goes to target/bench.json.
+    Bench {
+        /// A short run (up to 1 000 Services) to check the benchmark itself.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Unit tests, then the privileged end-to-end tests (root).
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -50,6 +58,9 @@ fn main() -> ExitCode {
             .and_then(|()| build(false))
             .and_then(|bin| demo::run(&bin)),
         Task::Test { args } => setup().and_then(|()| test(&args)),
+        Task::Bench { quick } => setup()
+            .and_then(|()| build(true))
+            .and_then(|bin| bench::run(&bin, if quick { bench::QUICK } else { bench::FULL })),
         Task::Probe(args) => probe::run(&args),
     };
     match result {
@@ -90,7 +101,7 @@ fn setup() -> anyhow::Result<()> {
         );
     }
     xtask::testbed::cgroup2_root()?;
-    for tool in ["ip", "bpftool", "bpf-linker"] {
+    for tool in ["ip", "bpftool", "bpf-linker", "iptables-restore"] {
         let found = std::env::var_os("PATH")
             .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
             .unwrap_or(false);

@@ -139,6 +139,10 @@ impl Agent {
             .with_context(|| format!("bad address in {line:?}"))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

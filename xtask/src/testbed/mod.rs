@@ -1,6 +1,7 @@
-//! The testbed shared by the demo, the end-to-end tests and the benchmarks: "pods" in their own
-//! network namespaces behind a bridge in a client namespace, a cgroup for the clients, a private
-//! BPF filesystem, a manifest directory, and lb-agent running on them.
+//! The testbed shared by the demo, the end-to-end tests and the benchmarks: "pods" and clients in
+//! their own network namespaces, each on a veth to a bridge in a switch namespace (so every client
+//! has the same path to every pod), a cgroup for the clients, a private BPF filesystem, a manifest
+//! directory, and lb-agent running on them.
 //!
 //! Network safety: traffic only ever goes between namespaces made here. The client namespace has
 //! no default route, only the pods' subnet, and an `unreachable` route for the Service CIDR, so a
@@ -35,6 +36,18 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const POD_PREFIX_LEN: u8 = 24;
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 254);
 
+/// How a client namespace routes the Service CIDR; either way nothing sent there leaves it.
+#[derive(Clone, Copy, Debug)]
+pub enum ServiceRoute {
+    /// `unreachable`: a connect lb did not rewrite fails at once (the default).
+    Unreachable,
+    /// Into the namespace's own loopback, where a packet for an address that is not local is
+    /// dropped (the namespace does not forward). For iptables DNAT in OUTPUT: the kernel routes a
+    /// local connect before netfilter sees it, so an unreachable route would refuse it before the
+    /// DNAT rule could apply; a DNATed packet is routed again, to its pod.
+    Discard,
+}
+
 /// A pod: its name (what it answers), address and listening ports.
 #[derive(Clone, Debug)]
 pub struct PodSpec {
@@ -42,6 +55,8 @@ pub struct PodSpec {
     pub ip: Ipv4Addr,
     pub tcp_ports: Vec<u16>,
     pub udp_ports: Vec<u16>,
+    /// TCP ports that echo every byte back (for the benchmarks).
+    pub echo_ports: Vec<u16>,
 }
 
 impl PodSpec {
@@ -53,6 +68,7 @@ impl PodSpec {
                 ip: Ipv4Addr::new(10, 244, 1, i),
                 tcp_ports: tcp_ports.to_vec(),
                 udp_ports: vec![],
+                echo_ports: vec![],
             })
             .collect()
     }
@@ -65,10 +81,12 @@ pub struct Testbed {
     echo_agent: Option<&'static str>,
     /// Where the agent gets Services from: the manifest directory, or an API server.
     kubeconfig: Option<(PathBuf, Option<String>)>,
-    // Dropped in this order: agent, pods, client namespace, cgroup, BPF mount, directory.
+    // Dropped in this order: agent, pods, clients, switch, cgroup, BPF mount, directory.
     agent: Option<Agent>,
     pods: Vec<(PodSpec, PodServer, Netns)>,
     client: Netns,
+    extra_clients: Vec<Netns>,
+    switch: Netns,
     cgroup: PathBuf,
     _cgroup: Guard,
     pin_dir: PathBuf,
@@ -120,16 +138,11 @@ impl Testbed {
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let cgroup_guard = cleanup::register(Undo::Cgroup(cgroup.clone()));
 
+        let switch = Netns::create(&format!("{id}-s"))?;
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
         let client = Netns::create(&format!("{id}-c"))?;
-        client.ip(&["link", "add", "br0", "type", "bridge"])?;
-        client.ip(&[
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/{POD_PREFIX_LEN}"),
-            "dev",
-            "br0",
-        ])?;
-        client.ip(&["link", "set", "br0", "up"])?;
+        attach(&switch, &client, "vc0", CLIENT_IP)?;
         client.ip(&["route", "add", "unreachable", SERVICE_CIDR])?;
 
         let mut testbed = Self {
@@ -141,6 +154,8 @@ impl Testbed {
             agent: None,
             pods: Vec::new(),
             client,
+            extra_clients: Vec::new(),
+            switch,
             cgroup,
             _cgroup: cgroup_guard,
             pin_dir: bpffs.join("lb"),
@@ -162,32 +177,35 @@ impl Testbed {
     fn add_pod(&mut self, pod: PodSpec) -> anyhow::Result<()> {
         let index = self.pods.len() + 1;
         let ns = Netns::create(&format!("{}-p{index}", self.id))?;
-        let veth = format!("vp{index}");
-        self.client.ip(&[
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
+        attach(&self.switch, &ns, &format!("vp{index}"), pod.ip)?;
+        let server = PodServer::start(
             ns.name(),
-        ])?;
-        self.client
-            .ip(&["link", "set", &veth, "master", "br0", "up"])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/{POD_PREFIX_LEN}", pod.ip),
-            "dev",
-            "eth0",
-        ])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        let server = PodServer::start(ns.name(), &pod.name, &pod.tcp_ports, &pod.udp_ports)?;
+            &pod.name,
+            &pod.tcp_ports,
+            &pod.udp_ports,
+            &pod.echo_ports,
+        )?;
         self.pods.push((pod, server, ns));
         Ok(())
+    }
+
+    /// Another client namespace (`{id}-{suffix}`) at `ip`; returns its name.
+    pub fn add_client(
+        &mut self,
+        suffix: &str,
+        ip: Ipv4Addr,
+        services: ServiceRoute,
+    ) -> anyhow::Result<String> {
+        let ns = Netns::create(&format!("{}-{suffix}", self.id))?;
+        let port = format!("vc{}", self.extra_clients.len() + 1);
+        attach(&self.switch, &ns, &port, ip)?;
+        match services {
+            ServiceRoute::Unreachable => ns.ip(&["route", "add", "unreachable", SERVICE_CIDR])?,
+            ServiceRoute::Discard => ns.ip(&["route", "add", SERVICE_CIDR, "dev", "lo"])?,
+        }
+        let name = ns.name().to_owned();
+        self.extra_clients.push(ns);
+        Ok(name)
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &PodSpec> {
@@ -290,6 +308,8 @@ impl Testbed {
             netns: self.client.name().to_owned(),
             cgroup: Some(self.cgroup.clone()),
             target,
+            also: Vec::new(),
+            echo: false,
             udp: false,
             count,
             duration_ms: None,
@@ -311,6 +331,32 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         let _ = self.stop_agent();
     }
+}
+
+/// Connects `ns` to the switch's bridge with a veth (`port` on the bridge side, `eth0` inside) and
+/// gives it `ip` on the pods' subnet: no other route.
+fn attach(switch: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+    switch.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])?;
+    switch.ip(&["link", "set", port, "master", "br0", "up"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{ip}/{POD_PREFIX_LEN}"),
+        "dev",
+        "eth0",
+    ])?;
+    ns.ip(&["link", "set", "eth0", "up"])
 }
 
 /// The cgroup v2 mount (any one shows the whole hierarchy).

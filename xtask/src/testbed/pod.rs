@@ -28,20 +28,24 @@ pub struct PodServer {
 
 impl PodServer {
     /// Starts listening on every port (all addresses of `netns`); returns once all are bound.
+    /// `tcp_ports` answer HTTP with `name`, `udp_ports` answer a datagram with `name`,
+    /// `echo_ports` echo every byte back.
     pub fn start(
         netns: &str,
         name: &str,
         tcp_ports: &[u16],
         udp_ports: &[u16],
+        echo_ports: &[u16],
     ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
         let ports = tcp_ports
             .iter()
-            .map(|&p| (p, true))
-            .chain(udp_ports.iter().map(|&p| (p, false)));
-        for (port, tcp) in ports {
+            .map(|&p| (p, Kind::Http))
+            .chain(udp_ports.iter().map(|&p| (p, Kind::Udp)))
+            .chain(echo_ports.iter().map(|&p| (p, Kind::Echo)));
+        for (port, kind) in ports {
             let (netns, name, stop, ready) = (
                 netns.to_owned(),
                 name.to_owned(),
@@ -49,10 +53,11 @@ impl PodServer {
                 ready_tx.clone(),
             );
             threads.push(thread::spawn(move || {
-                let bound = netns::enter(&netns).and_then(|()| {
-                    if tcp {
+                let bound = netns::enter(&netns).and_then(|()| match kind {
+                    Kind::Http | Kind::Echo => {
                         Ok(Socket::Tcp(TcpListener::bind(("0.0.0.0", port))?))
-                    } else {
+                    }
+                    Kind::Udp => {
                         let socket = UdpSocket::bind(("0.0.0.0", port))?;
                         socket.set_read_timeout(Some(POLL))?;
                         Ok(Socket::Udp(socket))
@@ -69,7 +74,10 @@ impl PodServer {
                     }
                 };
                 match socket {
-                    Socket::Tcp(listener) => serve_tcp(&listener, &name, &stop),
+                    Socket::Tcp(listener) => serve_tcp(&listener, &stop, |stream| match kind {
+                        Kind::Echo => echo(stream),
+                        _ => answer_http(stream, &name),
+                    }),
                     Socket::Udp(socket) => serve_udp(&socket, &name, &stop),
                 }
             }));
@@ -95,18 +103,42 @@ impl Drop for PodServer {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Kind {
+    Http,
+    Udp,
+    Echo,
+}
+
 enum Socket {
     Tcp(TcpListener),
     Udp(UdpSocket),
 }
 
-fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+fn serve_tcp(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    handle: impl Fn(TcpStream) -> anyhow::Result<()>,
+) {
     while !stop.load(Ordering::Relaxed) {
         if !readable(listener.as_raw_fd(), POLL) {
             continue;
         }
         if let Ok((stream, _)) = listener.accept() {
-            let _ = answer_http(stream, name);
+            let _ = handle(stream);
+        }
+    }
+}
+
+/// Writes back every byte until the client closes (bounded in time per read).
+fn echo(mut stream: TcpStream) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.set_nodelay(true)?;
+    let mut buf = [0u8; 64];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(n) => stream.write_all(&buf[..n])?,
         }
     }
 }

@@ -33,6 +33,12 @@ pub struct ProbeArgs {
     pub cgroup: Option<PathBuf>,
     #[arg(long)]
     pub target: SocketAddr,
+    /// More targets: attempts go round-robin over --target and these.
+    #[arg(long, value_delimiter = ',')]
+    pub also: Vec<SocketAddr>,
+    /// Benchmark mode: connect, echo one byte, close; print one [`EchoSummary`] line.
+    #[arg(long)]
+    pub echo: bool,
     /// Use a connected UDP socket instead of TCP.
     #[arg(long)]
     pub udp: bool,
@@ -67,13 +73,30 @@ pub fn now_us() -> u64 {
         .as_micros() as u64
 }
 
-/// The probe process: joins the cgroup, enters the namespace, prints one JSON line per attempt.
+/// What a benchmark probe (`--echo`) reports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EchoSummary {
+    /// Each exchange (connect, one byte each way, close), in nanoseconds.
+    pub samples_ns: Vec<u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Wall time of the whole run.
+    pub elapsed_ns: u64,
+}
+
+/// The probe process: joins the cgroup, enters the namespace, prints one JSON line per attempt
+/// (or, with `--echo`, one summary).
 pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     if let Some(cgroup) = &args.cgroup {
         std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
             .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
     }
     netns::enter(&args.netns)?;
+    if args.echo {
+        let summary = echo_run(args);
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
     let deadline = Instant::now()
         + args
             .duration_ms
@@ -96,6 +119,44 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(args.interval_ms));
         }
     }
+    Ok(())
+}
+
+fn echo_run(args: &ProbeArgs) -> EchoSummary {
+    let targets: Vec<SocketAddr> = std::iter::once(args.target)
+        .chain(args.also.iter().copied())
+        .collect();
+    let deadline = args
+        .duration_ms
+        .map(Duration::from_millis)
+        .unwrap_or(MAX_DURATION)
+        .min(MAX_DURATION);
+    let started = Instant::now();
+    let mut summary = EchoSummary::default();
+    for i in 0..args.count.min(MAX_COUNT) as usize {
+        if started.elapsed() >= deadline {
+            break;
+        }
+        let t = Instant::now();
+        match echo_once(targets[i % targets.len()]) {
+            Ok(()) => summary.samples_ns.push(t.elapsed().as_nanos() as u64),
+            Err(e) => {
+                summary.errors += 1;
+                summary.first_error.get_or_insert_with(|| errno_name(&e));
+            }
+        }
+    }
+    summary.elapsed_ns = started.elapsed().as_nanos() as u64;
+    summary
+}
+
+fn echo_once(target: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.write_all(b"x")?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte)?;
     Ok(())
 }
 
@@ -188,11 +249,30 @@ pub fn spawn(exe: &Path, args: &ProbeArgs) -> anyhow::Result<Child> {
     if args.udp {
         command.arg("--udp");
     }
+    if args.echo {
+        command.arg("--echo");
+    }
+    if !args.also.is_empty() {
+        let also: Vec<String> = args.also.iter().map(ToString::to_string).collect();
+        command.args(["--also", &also.join(",")]);
+    }
     command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting the probe {}", exe.display()))
+}
+
+/// Waits for a benchmark probe (`--echo`) and parses its summary.
+pub fn collect_echo(child: Child) -> anyhow::Result<EchoSummary> {
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "probe failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("bad probe summary")
 }
 
 /// Waits for a probe process and parses its attempts.
