@@ -32,6 +32,7 @@ use serde_json::{Value, json};
 use xtask::testbed::{
     PodSpec, ServiceRoute, Testbed,
     agent::SYNCED,
+    cleanup::{self, Undo},
     fake_api::{ENDPOINT_SLICES, FakeApi, SERVICES},
     probe::{self, EchoSummary, ProbeArgs},
 };
@@ -54,8 +55,8 @@ pub struct Plan {
 
 pub const FULL: Plan = Plan {
     scales: &[1, 1_000, 10_000],
-    rounds: 6,
-    samples_per_round: 500,
+    rounds: 20,
+    samples_per_round: 200,
     throughput_secs: 2,
 };
 
@@ -71,6 +72,8 @@ pub const QUICK: Plan = Plan {
 enum Config {
     /// a: direct, no load balancer
     Direct,
+    /// a': direct, from a cgroup of its own with no program (cgroup placement alone)
+    DirectInCgroup,
     /// b: ClusterIP through lb
     Lb,
     /// c: direct from inside lb's cgroup
@@ -82,8 +85,9 @@ enum Config {
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 6] = [
         Config::Direct,
+        Config::DirectInCgroup,
         Config::Lb,
         Config::Bystander,
         Config::Iptables,
@@ -93,6 +97,7 @@ impl Config {
     fn label(self) -> &'static str {
         match self {
             Config::Direct => "a direct (floor)",
+            Config::DirectInCgroup => "a' direct, own cgroup",
             Config::Lb => "b ClusterIP via lb",
             Config::Bystander => "c direct, in lb's cgroup",
             Config::Iptables => "d ClusterIP via iptables",
@@ -107,7 +112,7 @@ struct Latency {
     p50_us: f64,
     p90_us: f64,
     p99_us: f64,
-    /// p50 over the floor's p50.
+    /// Median over rounds of (this p50 / the floor's p50 in the same round).
     ratio: f64,
 }
 
@@ -137,9 +142,10 @@ fn pod_targets() -> Vec<SocketAddr> {
         .collect()
 }
 
-pub fn run(agent_bin: &Path, plan: Plan) -> anyhow::Result<()> {
+pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::Result<()> {
+    let scales: Vec<usize> = scales.unwrap_or_else(|| plan.scales.to_vec());
     let started = Instant::now();
-    let largest = *plan.scales.last().context("no scales")?;
+    let largest = *scales.iter().max().context("no scales")?;
     let pods: Vec<PodSpec> = (0..BACKENDS)
         .map(|i| PodSpec {
             name: format!("pod-{}", i + 1),
@@ -154,6 +160,11 @@ pub fn run(agent_bin: &Path, plan: Plan) -> anyhow::Result<()> {
     ));
     let mut tb = Testbed::new(agent_bin, &std::env::current_exe()?, &pods)?;
     let iptables_ns = tb.add_client("i", IPTABLES_CLIENT_IP, ServiceRoute::Discard)?;
+    // A sibling of lb's cgroup with no program: separates what cgroup placement costs.
+    let floor_cgroup = tb.cgroup().with_file_name(format!("{}-floor", tb.id));
+    std::fs::create_dir(&floor_cgroup)
+        .with_context(|| format!("creating {}", floor_cgroup.display()))?;
+    let _floor_cgroup = cleanup::register(Undo::Cgroup(floor_cgroup.clone()));
     for ns in [tb.client_netns().to_owned(), iptables_ns.clone()] {
         // Thousands of short connections per second: reuse TIME_WAIT ports (this namespace only).
         sysctl(&ns, "net.ipv4.tcp_tw_reuse", "1")?;
@@ -167,7 +178,7 @@ pub fn run(agent_bin: &Path, plan: Plan) -> anyhow::Result<()> {
         control_plane: BTreeMap::new(),
     };
 
-    for &scale in plan.scales {
+    for &scale in &scales {
         step(&format!(
             "{scale} Services × {BACKENDS} backends: programming lb"
         ));
@@ -198,9 +209,22 @@ pub fn run(agent_bin: &Path, plan: Plan) -> anyhow::Result<()> {
             scale / 2
         ));
         let mut samples: BTreeMap<Config, Vec<u64>> = BTreeMap::new();
+        // Per round, each configuration's p50 over the floor's: paired, so drift between rounds
+        // (other load, cache state) cancels out.
+        let mut round_ratios: BTreeMap<Config, Vec<f64>> = BTreeMap::new();
         for round in 0..=plan.rounds {
-            for config in Config::ALL {
-                let args = probe_args(&tb, &iptables_ns, config, target, plan.samples_per_round);
+            let mut round_p50 = BTreeMap::new();
+            // Each configuration takes its turn at going first.
+            for k in 0..Config::ALL.len() {
+                let config = Config::ALL[(k + round) % Config::ALL.len()];
+                let args = probe_args(
+                    &tb,
+                    &iptables_ns,
+                    &floor_cgroup,
+                    config,
+                    target,
+                    plan.samples_per_round,
+                );
                 let summary = probe::collect_echo(tb.spawn_probe(&args)?)?;
                 if summary.errors > 0 {
                     bail!(
@@ -211,26 +235,30 @@ pub fn run(agent_bin: &Path, plan: Plan) -> anyhow::Result<()> {
                     );
                 }
                 if round > 0 {
+                    round_p50.insert(config, percentile(&summary.samples_ns, 50.0));
                     samples
                         .entry(config)
                         .or_default()
                         .extend(summary.samples_ns);
                 } // round 0 warms caches, ARP and the pods' accept loops
             }
+            if let Some(&floor) = round_p50.get(&Config::Direct) {
+                for (config, p50) in round_p50 {
+                    round_ratios.entry(config).or_default().push(p50 / floor);
+                }
+            }
             eprint!("    round {round}/{}\r", plan.rounds);
         }
         eprintln!();
-        let floor = percentile(samples.get(&Config::Direct).context("no floor")?, 50.0);
         let table = samples
             .into_iter()
             .map(|(config, s)| {
-                let p50 = percentile(&s, 50.0);
                 let latency = Latency {
                     samples: s.len(),
-                    p50_us: p50,
+                    p50_us: percentile(&s, 50.0),
                     p90_us: percentile(&s, 90.0),
                     p99_us: percentile(&s, 99.0),
-                    ratio: p50 / floor,
+                    ratio: median(round_ratios.remove(&config).unwrap_or_default()),
                 };
                 (config, latency)
             })
@@ -249,7 +277,7 @@ pub fn run(agent_bin: &Path, plan: Plan) -> anyhow::Result<()> {
         ("direct", Config::Direct),
         ("lb", Config::Lb),
     ] {
-        let mut args = probe_args(&tb, &iptables_ns, config, target, 10_000_000);
+        let mut args = probe_args(&tb, &iptables_ns, &floor_cgroup, config, target, 10_000_000);
         args.duration_ms = Some(plan.throughput_secs * 1000);
         let children = [tb.spawn_probe(&args)?, tb.spawn_probe(&args)?];
         let mut rate = 0.0;
@@ -282,6 +310,7 @@ pub fn run(agent_bin: &Path, plan: Plan) -> anyhow::Result<()> {
 fn probe_args(
     tb: &Testbed,
     iptables_ns: &str,
+    floor_cgroup: &Path,
     config: Config,
     service: SocketAddr,
     count: u32,
@@ -295,13 +324,15 @@ fn probe_args(
             args.cgroup = None;
             args.netns = iptables_ns.to_owned();
         }
-        Config::Direct | Config::Bystander | Config::IptablesBystander => {
+        Config::Direct | Config::DirectInCgroup | Config::Bystander | Config::IptablesBystander => {
             // Round-robin over the pods, as the load balancer spreads over them.
             args.target = pods[0];
             args.also = pods[1..].to_vec();
-            if config != Config::Bystander {
-                args.cgroup = None;
-            }
+            args.cgroup = match config {
+                Config::Bystander => args.cgroup,
+                Config::DirectInCgroup => Some(floor_cgroup.to_owned()),
+                _ => None,
+            };
             if config == Config::IptablesBystander {
                 args.netns = iptables_ns.to_owned();
             }
@@ -557,6 +588,14 @@ fn percentile(samples: &[u64], p: f64) -> f64 {
     sorted[rank] as f64 / 1000.0
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// A `key=123` field of a log line.
 fn field(line: &str, key: &str) -> anyhow::Result<u64> {
     line.split_whitespace()
@@ -639,7 +678,9 @@ fn machine() -> BTreeMap<&'static str, String> {
 }
 
 fn print_report(report: &Report) {
-    println!("\nDatapath: sequential connect + 1-byte echo + close (µs; ratio = p50 / floor p50)");
+    println!(
+        "\nDatapath: sequential connect + 1-byte echo + close (µs; ratio = median over rounds of p50 / the round's floor p50)"
+    );
     println!(
         "{:>8}  {:<26} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "Services", "configuration", "samples", "p50", "p90", "p99", "ratio"

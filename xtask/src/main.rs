@@ -37,6 +37,9 @@ enum Task {
         /// A short run (up to 1 000 Services) to check the benchmark itself.
         #[arg(long)]
         quick: bool,
+        /// Only these numbers of Services (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        scales: Option<Vec<usize>>,
     },
     /// Unit tests, then the privileged end-to-end tests (root).
     Test {
@@ -58,9 +61,9 @@ fn main() -> ExitCode {
             .and_then(|()| build(false))
             .and_then(|bin| demo::run(&bin)),
         Task::Test { args } => setup().and_then(|()| test(&args)),
-        Task::Bench { quick } => setup()
-            .and_then(|()| build(true))
-            .and_then(|bin| bench::run(&bin, if quick { bench::QUICK } else { bench::FULL })),
+        Task::Bench { quick, scales } => setup().and_then(|()| build(true)).and_then(|bin| {
+            bench::run(&bin, if quick { bench::QUICK } else { bench::FULL }, scales)
+        }),
         Task::Probe(args) => probe::run(&args),
     };
     match result {
