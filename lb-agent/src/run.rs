@@ -26,7 +26,7 @@ use crate::{
     health::{self, Health},
     model::{self, NodeContext},
     source::{
-        kube::{self as kube_source, KubeState, ZONE_LABEL},
+        kube::{self as kube_source, KubeState},
         manifest::{Fingerprint, ManifestSource, ObjectKey},
     },
 };
@@ -208,6 +208,7 @@ async fn follow_kube(
         if !programmed {
             programmed = true;
             health.set_ready();
+            release_freed_memory();
             info!(frontends = dataplane.len(), "initial sync done; ready");
         }
     }
@@ -277,13 +278,13 @@ fn sync_manifests(
     }
     // This node's zone, when the manifests hold its Node.
     let mut node = node.clone();
-    node.zone = snapshot
-        .nodes
-        .iter()
-        .find(|n| n.metadata.name.is_some() && n.metadata.name == node.name)
-        .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned());
+    node.zone = node
+        .name
+        .as_ref()
+        .and_then(|name| snapshot.zones.get(name).cloned().flatten());
     let started = Instant::now();
-    let translation = model::translate(&snapshot.services, &snapshot.slices, &node);
+    let services = snapshot.services.len();
+    let translation = model::translate_inputs(snapshot.services, snapshot.slices, &node);
     let model = started.elapsed();
     for problem in &translation.problems {
         let file = snapshot
@@ -300,13 +301,15 @@ fn sync_manifests(
         model,
         apply: started.elapsed(),
     };
-    log_report(
-        &report,
-        dataplane.len(),
-        1,
-        snapshot.services.len(),
-        timings,
-    );
+    log_report(&report, dataplane.len(), 1, services, timings);
+    release_freed_memory();
+}
+
+/// Hands the memory freed after a large sync (parsed lists, translations) back to the system;
+/// glibc keeps it otherwise, and the agent's RSS would stay at its peak.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// Where a sync's time went: reading the source, the model, writing the maps.

@@ -357,7 +357,8 @@ fn control_plane(tb: &mut Testbed, scale: usize, report: &mut Report) -> anyhow:
     cp.insert("manifests_cold_wall_ms", json!(wall.as_millis() as u64));
     cp.insert("manifests_cold_sync_ms", json!(sync_ms(&line)));
     cp.insert("manifests_cold_breakdown_ms", breakdown(&line));
-    cp.insert("manifests_rss_mib", json!(rss_mib(agent.pid())?));
+    thread_sleep_for_trim();
+    cp.insert("manifests_rss_mib", json!(rss_mib(tb.agent().pid())?));
 
     step(&format!(
         "control plane: cold start from the API server, {scale} Services"
@@ -380,6 +381,8 @@ fn control_plane(tb: &mut Testbed, scale: usize, report: &mut Report) -> anyhow:
     cp.insert("api_cold_wall_ms", json!(wall.as_millis() as u64));
     cp.insert("api_cold_sync_ms", json!(sync_ms(&line)));
     cp.insert("api_cold_breakdown_ms", breakdown(&line));
+    thread_sleep_for_trim();
+    cp.insert("api_rss_after_cold_mib", json!(rss_mib(tb.agent().pid())?));
 
     step(&format!(
         "control plane: {CHANGES} endpoint changes, event pushed → maps written"
@@ -640,6 +643,11 @@ fn log_day_micros(line: &str) -> anyhow::Result<u64> {
     ensure!(parts.len() == 3, "bad timestamp in {line:?}");
     let micros: u64 = format!("{fraction:0<6}")[..6].parse()?;
     Ok(((parts[0] * 60 + parts[1]) * 60 + parts[2]) * 1_000_000 + micros)
+}
+
+/// The agent releases freed memory just after logging its sync; read RSS once it has.
+fn thread_sleep_for_trim() {
+    std::thread::sleep(Duration::from_millis(300));
 }
 
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {

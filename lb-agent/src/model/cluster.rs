@@ -1,14 +1,16 @@
 //! The incremental model: Services and EndpointSlices as they come and go, and the frontends they
 //! produce. A change marks the Services it touches; [`Cluster::sync`] recomputes only those and
 //! returns the frontends whose programming changed.
+//!
+//! Objects are kept as [`ServiceInput`] and [`SliceInput`]: parsed once, on arrival, into only
+//! what the rules read (a few hundred bytes, where the Kubernetes objects take kilobytes).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
 use super::{
-    DesiredState, Frontend, FrontendState, NodeContext, ObjectRef, Problem, SERVICE_NAME_LABEL,
-    ServicePortName, endpoints::ServiceEndpoints, service,
+    DesiredState, Frontend, FrontendState, NodeContext, ObjectRef, Problem, ServicePortName,
+    endpoints::{ServiceEndpoints, SliceInput},
+    service::ServiceInput,
 };
 
 /// Label of the slices the control plane keeps for headless Services; proxies skip them.
@@ -35,9 +37,9 @@ pub struct Sync {
 #[derive(Default)]
 pub struct Cluster {
     node: NodeContext,
-    services: BTreeMap<ServiceKey, Service>,
-    /// Slices by (namespace, name), and which Service each belongs to.
-    slices: BTreeMap<(String, String), (Option<ServiceKey>, EndpointSlice)>,
+    services: BTreeMap<ServiceKey, ServiceInput>,
+    /// Slices by (namespace, name).
+    slices: BTreeMap<(String, String), SliceInput>,
     slices_by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
     /// Each Service's own frontends as last computed.
     computed: BTreeMap<ServiceKey, BTreeMap<Frontend, FrontendState>>,
@@ -60,6 +62,11 @@ impl Cluster {
         &self.state
     }
 
+    /// For a one-shot translation that takes the result.
+    pub(super) fn state_mut(&mut self) -> &mut DesiredState {
+        &mut self.state
+    }
+
     pub fn node(&self) -> &NodeContext {
         &self.node
     }
@@ -77,13 +84,11 @@ impl Cluster {
         }
     }
 
-    pub fn upsert_service(&mut self, svc: Service) {
-        let Some(key) = service_key(&svc.metadata.namespace, &svc.metadata.name) else {
-            return;
-        };
-        if self.services.get(&key) != Some(&svc) {
-            self.services.insert(key.clone(), svc);
-            self.dirty.insert(key);
+    /// Adds or replaces a Service; one that parses the same as before touches nothing.
+    pub fn upsert_service(&mut self, input: ServiceInput) {
+        if self.services.get(&input.key) != Some(&input) {
+            self.dirty.insert(input.key.clone());
+            self.services.insert(input.key.clone(), input);
         }
     }
 
@@ -97,38 +102,21 @@ impl Cluster {
         }
     }
 
-    pub fn upsert_slice(&mut self, slice: EndpointSlice) {
-        let (Some(namespace), Some(name)) = (
-            slice.metadata.namespace.clone(),
-            slice.metadata.name.clone(),
-        ) else {
-            return;
-        };
-        let labels = slice.metadata.labels.as_ref();
-        let owner = labels
-            .filter(|l| !l.contains_key(HEADLESS_LABEL))
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .map(|service| ServiceKey {
-                namespace: namespace.clone(),
-                name: service.clone(),
-            });
-        let id = (namespace, name);
-        if self
-            .slices
-            .get(&id)
-            .is_some_and(|(o, s)| *o == owner && *s == slice)
-        {
+    /// Adds or replaces a slice; one that parses the same as before touches nothing.
+    pub fn upsert_slice(&mut self, input: SliceInput) {
+        let id = (input.namespace.clone(), input.name.clone());
+        if self.slices.get(&id) == Some(&input) {
             return;
         }
         self.forget_slice(&id);
-        if let Some(owner) = &owner {
+        if let Some(owner) = &input.owner {
             self.slices_by_service
                 .entry(owner.clone())
                 .or_default()
                 .insert(id.1.clone());
             self.dirty.insert(owner.clone());
         }
-        self.slices.insert(id, (owner, slice));
+        self.slices.insert(id, input);
     }
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) {
@@ -136,23 +124,21 @@ impl Cluster {
     }
 
     fn forget_slice(&mut self, id: &(String, String)) {
-        if let Some((Some(owner), _)) = self.slices.remove(id) {
-            if let Some(names) = self.slices_by_service.get_mut(&owner) {
-                names.remove(&id.1);
-                if names.is_empty() {
-                    self.slices_by_service.remove(&owner);
-                }
+        let Some(owner) = self.slices.remove(id).and_then(|s| s.owner) else {
+            return;
+        };
+        if let Some(names) = self.slices_by_service.get_mut(&owner) {
+            names.remove(&id.1);
+            if names.is_empty() {
+                self.slices_by_service.remove(&owner);
             }
-            self.dirty.insert(owner);
         }
+        self.dirty.insert(owner);
     }
 
     /// Replaces all Services with `services` (after a full list), marking only what changed.
-    pub fn replace_services(&mut self, services: Vec<Service>) {
-        let keep: BTreeSet<ServiceKey> = services
-            .iter()
-            .filter_map(|s| service_key(&s.metadata.namespace, &s.metadata.name))
-            .collect();
+    pub fn replace_services(&mut self, services: Vec<ServiceInput>) {
+        let keep: BTreeSet<&ServiceKey> = services.iter().map(|s| &s.key).collect();
         let gone: Vec<ServiceKey> = self
             .services
             .keys()
@@ -168,15 +154,15 @@ impl Cluster {
     }
 
     /// Replaces all EndpointSlices with `slices` (after a full list), marking only what changed.
-    pub fn replace_slices(&mut self, slices: Vec<EndpointSlice>) {
-        let keep: BTreeSet<(String, String)> = slices
+    pub fn replace_slices(&mut self, slices: Vec<SliceInput>) {
+        let keep: BTreeSet<(&str, &str)> = slices
             .iter()
-            .filter_map(|s| Some((s.metadata.namespace.clone()?, s.metadata.name.clone()?)))
+            .map(|s| (s.namespace.as_str(), s.name.as_str()))
             .collect();
         let gone: Vec<(String, String)> = self
             .slices
             .keys()
-            .filter(|k| !keep.contains(k))
+            .filter(|(ns, name)| !keep.contains(&(ns.as_str(), name.as_str())))
             .cloned()
             .collect();
         for id in gone {
@@ -214,7 +200,7 @@ impl Cluster {
             let Some(svc) = self.services.get(key) else {
                 continue;
             };
-            let frontends = self.translate_service(key, svc, &mut out.problems);
+            let frontends = self.translate_service(svc, &mut out.problems);
             for frontend in frontends.keys() {
                 self.claims
                     .entry(*frontend)
@@ -230,9 +216,12 @@ impl Cluster {
             let new = owner.and_then(|k| self.computed.get(k)?.get(&frontend).cloned());
             if let (Some(owner), Some(claimants)) = (owner, self.claims.get(&frontend)) {
                 for loser in claimants.iter().skip(1).filter(|k| dirty.contains(*k)) {
-                    let svc = &self.services[loser];
                     out.problems.push(Problem::new(
-                        ObjectRef::service(svc),
+                        ObjectRef {
+                            kind: "Service",
+                            namespace: loser.namespace.clone(),
+                            name: loser.name.clone(),
+                        },
                         "spec.clusterIP",
                         format!(
                             "frontend {frontend} is already used by Service {}/{}",
@@ -254,22 +243,26 @@ impl Cluster {
 
     fn translate_service(
         &self,
-        key: &ServiceKey,
-        svc: &Service,
+        svc: &ServiceInput,
         problems: &mut Vec<Problem>,
     ) -> BTreeMap<Frontend, FrontendState> {
         let mut frontends = BTreeMap::new();
-        let Some(service) = service::frontends(svc, &self.node, problems) else {
-            return frontends;
-        };
-        let slices: Vec<&EndpointSlice> = self
+        if !svc.ours(&self.node) {
+            return frontends; // another proxy's: its problems are not ours to report either
+        }
+        problems.extend_from_slice(svc.problems());
+        let key = &svc.key;
+        let slices: Vec<&SliceInput> = self
             .slices_by_service
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|name| Some(&self.slices.get(&(key.namespace.clone(), name.clone()))?.1))
+            .filter_map(|name| self.slices.get(&(key.namespace.clone(), name.clone())))
             .collect();
         let endpoints = ServiceEndpoints::collect(&slices, problems);
+        let Some(service) = svc.frontends() else {
+            return frontends;
+        };
         for port in &service.ports {
             let name = ServicePortName {
                 namespace: key.namespace.clone(),
@@ -292,35 +285,32 @@ impl Cluster {
     }
 }
 
-fn service_key(namespace: &Option<String>, name: &Option<String>) -> Option<ServiceKey> {
-    Some(ServiceKey {
-        namespace: namespace.clone()?,
-        name: name.clone()?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
     use super::*;
 
-    fn svc(name: &str, ip: &str) -> Service {
-        serde_yaml::from_str(&format!(
+    fn svc(name: &str, ip: &str) -> ServiceInput {
+        let svc: Service = serde_yaml::from_str(&format!(
             "metadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"
         ))
-        .unwrap()
+        .unwrap();
+        ServiceInput::parse(&svc).unwrap()
     }
 
-    fn slice(name: &str, service: &str, ips: &[&str]) -> EndpointSlice {
+    fn slice(name: &str, service: &str, ips: &[&str]) -> SliceInput {
         let endpoints: Vec<String> = ips
             .iter()
             .map(|ip| format!("{{addresses: [{ip}]}}"))
             .collect();
-        serde_yaml::from_str(&format!(
+        let slice: EndpointSlice = serde_yaml::from_str(&format!(
             "metadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {service}}}}}\n\
              addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]",
             endpoints.join(",")
         ))
-        .unwrap()
+        .unwrap();
+        SliceInput::parse(&slice).unwrap()
     }
 
     fn backends(cluster: &Cluster, ip: &str) -> Vec<String> {

@@ -8,7 +8,8 @@ use std::{
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    Backend, NodeContext, ObjectRef, Problem, Protocol,
+    Backend, HEADLESS_LABEL, NodeContext, ObjectRef, Problem, Protocol, SERVICE_NAME_LABEL,
+    ServiceKey,
     service::{PortFrontends, port_number},
     topology::{self, Candidate, Policy},
 };
@@ -16,23 +17,66 @@ use super::{
 /// The API server's limit on endpoints per slice; a larger slice is malformed.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 
-/// The usable content of a Service's slices, in slice-name order.
-pub(super) struct ServiceEndpoints {
-    slices: Vec<Slice>,
+/// An EndpointSlice as the model keeps it: parsed once, when it arrives, into what the rules
+/// read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInput {
+    pub namespace: String,
+    pub name: String,
+    /// The Service it belongs to; none when unlabelled or labelled headless.
+    pub owner: Option<ServiceKey>,
+    /// `None` when nothing in it is usable (FQDN, malformed).
+    slice: Option<Slice>,
+    problems: Vec<Problem>,
 }
 
+impl SliceInput {
+    /// `None` for an object without namespace or name: nothing can refer to it.
+    pub fn parse(slice: &EndpointSlice) -> Option<Self> {
+        let namespace = slice.metadata.namespace.clone()?;
+        let name = slice.metadata.name.clone()?;
+        let owner = slice
+            .metadata
+            .labels
+            .as_ref()
+            .filter(|l| !l.contains_key(HEADLESS_LABEL))
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .map(|service| ServiceKey {
+                namespace: namespace.clone(),
+                name: service.clone(),
+            });
+        let mut problems = Vec::new();
+        let parsed = Slice::parse(slice, &mut problems);
+        Some(Self {
+            namespace,
+            name,
+            owner,
+            slice: parsed,
+            problems,
+        })
+    }
+}
+
+/// The usable content of a Service's slices, in slice-name order.
+pub(super) struct ServiceEndpoints<'a> {
+    slices: Vec<&'a Slice>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Slice {
     ipv6: bool,
     ports: Vec<SlicePort>,
     endpoints: Vec<Endpoint>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SlicePort {
     name: String,
     protocol: Protocol,
     port: u16,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Endpoint {
     address: IpAddr,
     ready: bool,
@@ -43,12 +87,15 @@ struct Endpoint {
     node_hints: BTreeSet<String>,
 }
 
-impl ServiceEndpoints {
-    /// Validates the slices (given in slice-name order), keeping what can be used.
-    pub(super) fn collect(slices: &[&EndpointSlice], problems: &mut Vec<Problem>) -> Self {
+impl<'a> ServiceEndpoints<'a> {
+    /// The usable slices (given in slice-name order); their problems go to `problems`.
+    pub(super) fn collect(slices: &[&'a SliceInput], problems: &mut Vec<Problem>) -> Self {
         let slices = slices
             .iter()
-            .filter_map(|slice| Slice::parse(slice, problems))
+            .filter_map(|input| {
+                problems.extend_from_slice(&input.problems);
+                input.slice.as_ref()
+            })
             .collect();
         Self { slices }
     }

@@ -32,8 +32,10 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, HEADLESS_LABEL, ServiceKey};
+pub use endpoints::SliceInput;
 pub use problem::{ObjectRef, Problem};
+pub use service::ServiceInput;
 
 /// Where the model runs: which node (for `internalTrafficPolicy: Local` and topology) and which
 /// proxy name it answers to.
@@ -188,17 +190,35 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// bad endpoint skips that endpoint) and reported in [`Translation::problems`]; nothing about one
 /// Service affects another, except that a frontend claimed by two Services goes to the first in
 /// namespace/name order.
+#[cfg(test)]
 pub fn translate<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &NodeContext,
 ) -> Translation {
+    translate_inputs(
+        services
+            .into_iter()
+            .filter_map(ServiceInput::parse)
+            .collect(),
+        slices.into_iter().filter_map(SliceInput::parse).collect(),
+        node,
+    )
+}
+
+/// [`translate`] for objects already parsed.
+pub fn translate_inputs(
+    services: Vec<ServiceInput>,
+    slices: Vec<SliceInput>,
+    node: &NodeContext,
+) -> Translation {
     let mut cluster = Cluster::new(node.clone());
-    cluster.replace_services(services.into_iter().cloned().collect());
-    cluster.replace_slices(slices.into_iter().cloned().collect());
+    cluster.replace_services(services);
+    cluster.replace_slices(slices);
     let problems = cluster.sync().problems;
+    let state = std::mem::take(&mut cluster.state_mut().frontends);
     Translation {
-        state: cluster.state().clone(),
+        state: DesiredState { frontends: state },
         problems,
     }
 }

@@ -4,18 +4,68 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::{Frontend, NodeContext, ObjectRef, Problem, Protocol, topology::Policy};
+use super::{Frontend, NodeContext, ObjectRef, Problem, Protocol, ServiceKey, topology::Policy};
 
 /// Label naming the proxy that should serve a Service; other proxies leave it alone.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
+/// A Service as the model keeps it: parsed once, when it arrives, into what the rules read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInput {
+    pub key: ServiceKey,
+    proxy_name: Option<String>,
+    /// `None` when it has none by design (headless, ExternalName) or cannot be used at all.
+    frontends: Option<ServiceFrontends>,
+    problems: Vec<Problem>,
+}
+
+impl ServiceInput {
+    /// `None` for an object without namespace or name: nothing can refer to it.
+    pub fn parse(svc: &Service) -> Option<Self> {
+        let key = ServiceKey {
+            namespace: svc.metadata.namespace.clone()?,
+            name: svc.metadata.name.clone()?,
+        };
+        let proxy_name = svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+            .cloned();
+        let mut problems = Vec::new();
+        let frontends = parse_frontends(svc, &mut problems);
+        Some(Self {
+            key,
+            proxy_name,
+            frontends,
+            problems,
+        })
+    }
+
+    /// Whether this node's proxy serves it: unlabelled, or labelled with our proxy name.
+    pub(super) fn ours(&self, node: &NodeContext) -> bool {
+        self.proxy_name.is_none() || self.proxy_name == node.service_proxy_name
+    }
+
+    pub(super) fn frontends(&self) -> Option<&ServiceFrontends> {
+        self.frontends.as_ref()
+    }
+
+    /// What could not be used, to report whenever the Service is recomputed.
+    pub(super) fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+}
+
 /// A Service's frontends by port, and the policy its endpoints are chosen by.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServiceFrontends {
     pub policy: Policy,
     pub ports: Vec<PortFrontends>,
 }
 
 /// The frontends of one Service port (one per ClusterIP, so two on a dual-stack Service).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct PortFrontends {
     /// The port's name; empty when unnamed.
     pub name: String,
@@ -24,21 +74,9 @@ pub(super) struct PortFrontends {
 }
 
 /// Returns the Service's frontends by port, or `None` when it has none by design (headless,
-/// ExternalName, another proxy's) or cannot be used at all. Skipped parts are added to `problems`.
-pub(super) fn frontends(
-    svc: &Service,
-    node: &NodeContext,
-    problems: &mut Vec<Problem>,
-) -> Option<ServiceFrontends> {
+/// ExternalName) or cannot be used at all. Skipped parts are added to `problems`.
+fn parse_frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<ServiceFrontends> {
     let object = ObjectRef::service(svc);
-    let proxy_name = svc
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
-    if proxy_name.is_some() && proxy_name != node.service_proxy_name.as_ref() {
-        return None; // another proxy serves it
-    }
     let mut problem = |field: String, message: String| {
         problems.push(Problem::new(object.clone(), field, message));
     };

@@ -26,7 +26,7 @@ pub(super) struct Candidate {
 }
 
 /// The Service settings the rules depend on.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Policy {
     /// `internalTrafficPolicy: Local`.
     pub local: bool,

@@ -14,12 +14,12 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Config, ResourceExt as _,
+    Api, Client, Config, ResourceExt,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use crate::model::{Cluster, NodeContext};
+use crate::model::{Cluster, NodeContext, ServiceInput, SliceInput};
 
 /// Label of a Node's zone, used for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -110,54 +110,19 @@ fn follow<K>(
     config: watcher::Config,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
 where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Trim
-        + 'static,
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher(api, config).default_backoff().modify(Trim::trim)
+    watcher(api, config).default_backoff()
 }
 
-/// Drops the parts of an object the model never reads (managedFields, annotations such as
-/// last-applied-configuration, a Node's status), which are most of its size.
-pub trait Trim {
-    fn trim(&mut self);
-}
-
-impl Trim for Service {
-    fn trim(&mut self) {
-        self.managed_fields_mut().clear();
-        self.annotations_mut().clear();
-        self.status = None;
-    }
-}
-
-impl Trim for EndpointSlice {
-    fn trim(&mut self) {
-        self.managed_fields_mut().clear();
-        self.annotations_mut().clear();
-    }
-}
-
-impl Trim for Node {
-    fn trim(&mut self) {
-        self.managed_fields_mut().clear();
-        self.annotations_mut().clear();
-        self.spec = None;
-        self.status = None;
-    }
-}
-
-/// A kind's progress through its initial (or a re-)list.
-struct Listing<K> {
+/// A kind's progress through its initial (or a re-)list, holding objects as the model keeps
+/// them (`I`), never as the API sends them.
+struct Listing<I> {
     synced: bool,
-    buffer: Option<Vec<K>>,
+    buffer: Option<Vec<I>>,
 }
 
-impl<K> Default for Listing<K> {
+impl<I> Default for Listing<I> {
     fn default() -> Self {
         Self {
             synced: false,
@@ -167,32 +132,41 @@ impl<K> Default for Listing<K> {
 }
 
 /// What a watch event means for the model.
-enum Feed<K> {
-    /// Part of a list still coming in.
+enum Feed<I> {
+    /// Part of a list still coming in, or an object the model cannot refer to.
     Pending,
     /// A list is complete: these are all the objects.
-    Replace(Vec<K>),
-    Upsert(K),
-    Delete(K),
+    Replace(Vec<I>),
+    Upsert(I),
+    /// Namespace and name of an object that is gone.
+    Delete(String, String),
 }
 
-impl<K> Listing<K> {
-    fn feed(&mut self, event: watcher::Event<K>) -> Feed<K> {
+impl<I> Listing<I> {
+    /// Turns a watch event into a model change, parsing objects as they arrive.
+    fn feed<K: ResourceExt>(
+        &mut self,
+        event: watcher::Event<K>,
+        parse: fn(&K) -> Option<I>,
+    ) -> Feed<I> {
         match event {
             watcher::Event::Init => {
                 self.buffer = Some(Vec::new());
                 Feed::Pending
             }
             watcher::Event::InitApply(object) => {
-                self.buffer.get_or_insert_with(Vec::new).push(object);
+                let buffer = self.buffer.get_or_insert_with(Vec::new);
+                buffer.extend(parse(&object));
                 Feed::Pending
             }
             watcher::Event::InitDone => {
                 self.synced = true;
                 Feed::Replace(self.buffer.take().unwrap_or_default())
             }
-            watcher::Event::Apply(object) => Feed::Upsert(object),
-            watcher::Event::Delete(object) => Feed::Delete(object),
+            watcher::Event::Apply(object) => parse(&object).map_or(Feed::Pending, Feed::Upsert),
+            watcher::Event::Delete(object) => {
+                Feed::Delete(object.namespace().unwrap_or_default(), object.name_any())
+            }
         }
     }
 }
@@ -200,9 +174,10 @@ impl<K> Listing<K> {
 /// The model as the API server describes it.
 pub struct KubeState {
     pub cluster: Cluster,
-    services: Listing<Service>,
-    slices: Listing<EndpointSlice>,
-    node: Listing<Node>,
+    services: Listing<ServiceInput>,
+    slices: Listing<SliceInput>,
+    /// The node's zone label.
+    node: Listing<Option<String>>,
 }
 
 impl KubeState {
@@ -229,34 +204,32 @@ impl KubeState {
     pub fn apply(&mut self, change: Change) {
         let cluster = &mut self.cluster;
         match change {
-            Change::Services(event) => match self.services.feed(*event) {
+            Change::Services(event) => match self.services.feed(*event, ServiceInput::parse) {
                 Feed::Replace(all) => cluster.replace_services(all),
                 Feed::Upsert(svc) => cluster.upsert_service(svc),
-                Feed::Delete(svc) => cluster.delete_service(&namespace(&svc), &svc.name_any()),
+                Feed::Delete(namespace, name) => cluster.delete_service(&namespace, &name),
                 Feed::Pending => {}
             },
-            Change::EndpointSlices(event) => match self.slices.feed(*event) {
+            Change::EndpointSlices(event) => match self.slices.feed(*event, SliceInput::parse) {
                 Feed::Replace(all) => cluster.replace_slices(all),
                 Feed::Upsert(slice) => cluster.upsert_slice(slice),
-                Feed::Delete(slice) => cluster.delete_slice(&namespace(&slice), &slice.name_any()),
+                Feed::Delete(namespace, name) => cluster.delete_slice(&namespace, &name),
                 Feed::Pending => {}
             },
             Change::Node(event) => {
                 // Watched by name: a list holds this node or nothing.
-                let node = match self.node.feed(*event) {
-                    Feed::Replace(mut all) => all.pop(),
-                    Feed::Upsert(node) => Some(node),
-                    Feed::Delete(_) => None,
+                let zone = match self.node.feed(*event, |node: &Node| {
+                    Some(node.labels().get(ZONE_LABEL).cloned())
+                }) {
+                    Feed::Replace(mut all) => all.pop().flatten(),
+                    Feed::Upsert(zone) => zone,
+                    Feed::Delete(..) => None,
                     Feed::Pending => return,
                 };
                 let mut context = cluster.node().clone();
-                context.zone = node.and_then(|n| n.labels().get(ZONE_LABEL).cloned());
+                context.zone = zone;
                 cluster.set_node(context);
             }
         }
     }
-}
-
-fn namespace(object: &impl kube::ResourceExt) -> String {
-    object.namespace().unwrap_or_default()
 }

@@ -22,14 +22,20 @@ use serde::Deserialize as _;
 use serde_yaml::Value;
 use tracing::debug;
 
-use crate::model::ObjectRef;
+use crate::{
+    model::{ObjectRef, ServiceInput, SliceInput},
+    source::kube::ZONE_LABEL,
+};
 
-/// A Service, EndpointSlice or Node (for this node's zone) read from a file.
+/// A Service, EndpointSlice or Node read from a file, kept as the model keeps it.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(ServiceInput),
+    EndpointSlice(SliceInput),
+    /// A Node's zone label: with `--node-name`, this node's zone.
+    Node {
+        zone: Option<String>,
+    },
 }
 
 /// Kind, namespace and name: what `kubectl` considers the same object.
@@ -82,9 +88,10 @@ impl fmt::Display for ManifestError {
 /// The objects of every file, and where each came from.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<ServiceInput>,
+    pub slices: Vec<SliceInput>,
+    /// Zones of the Nodes defined, by name.
+    pub zones: BTreeMap<String, Option<String>>,
     pub origins: BTreeMap<ObjectKey, PathBuf>,
     pub errors: Vec<ManifestError>,
 }
@@ -181,9 +188,11 @@ impl ManifestSource {
         }
         for (key, (path, object)) in latest {
             match object {
-                Object::Service(s) => snapshot.services.push(Service::clone(s)),
-                Object::EndpointSlice(s) => snapshot.slices.push(EndpointSlice::clone(s)),
-                Object::Node(n) => snapshot.nodes.push(Node::clone(n)),
+                Object::Service(s) => snapshot.services.push(s.clone()),
+                Object::EndpointSlice(s) => snapshot.slices.push(s.clone()),
+                Object::Node { zone } => {
+                    drop(snapshot.zones.insert(key.name.clone(), zone.clone()))
+                }
             }
             snapshot.origins.insert(key, path.clone());
         }
@@ -208,10 +217,13 @@ fn parse_file(
     previous: &[(ObjectKey, Object)],
     errors: &mut Vec<ManifestError>,
 ) -> Vec<(ObjectKey, Object)> {
-    let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        match Value::deserialize(document) {
-            Ok(value) => documents.push(value),
+    // Each document is parsed into the model's form before the next is read, so a large file
+    // never exists as a tree of YAML values all at once.
+    let mut objects = Vec::new();
+    let mut file_errors = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match Value::deserialize(document) {
+            Ok(value) => value,
             Err(e) => {
                 let consequence = if previous.is_empty() {
                     "nothing in it is used until it parses"
@@ -224,13 +236,9 @@ fn parse_file(
                 ));
                 return previous.to_vec();
             }
-        }
-    }
-
-    let mut objects = Vec::new();
-    for (index, value) in documents.into_iter().enumerate() {
+        };
         let mut error = |object: Option<ObjectKey>, message: String| {
-            errors.push(ManifestError {
+            file_errors.push(ManifestError {
                 file: path.to_owned(),
                 document: Some(index + 1),
                 object,
@@ -268,6 +276,7 @@ fn parse_file(
             }
         }
     }
+    errors.append(&mut file_errors);
     objects
 }
 
@@ -328,19 +337,28 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
         return Err((None, format!("{kind} without metadata.name")));
     };
 
+    // Parsed once into what the model reads; the Kubernetes object is dropped here.
     let object = match kind {
         "Service" => deserialize::<Service>(value).map(|mut s| {
             s.metadata.namespace = Some(namespace);
-            Object::Service(Box::new(s))
+            ServiceInput::parse(&s).map(Object::Service)
         }),
-        "Node" => deserialize::<Node>(value).map(|n| Object::Node(Box::new(n))),
+        "Node" => deserialize::<Node>(value).map(|n| {
+            let zone = n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ZONE_LABEL))
+                .cloned();
+            Some(Object::Node { zone })
+        }),
         _ => deserialize::<EndpointSlice>(value).map(|mut s| {
             s.metadata.namespace = Some(namespace);
-            Object::EndpointSlice(Box::new(s))
+            SliceInput::parse(&s).map(Object::EndpointSlice)
         }),
     };
     match object {
-        Ok(object) => Ok(Some((key, object))),
+        Ok(object) => Ok(object.map(|object| (key, object))),
         Err(message) => Err((Some(key), message)),
     }
 }
@@ -375,14 +393,7 @@ mod tests {
         snapshot
             .services
             .iter()
-            .map(|s| {
-                let m = &s.metadata;
-                format!(
-                    "{}/{}",
-                    m.namespace.as_deref().unwrap(),
-                    m.name.as_deref().unwrap()
-                )
-            })
+            .map(|s| format!("{}/{}", s.key.namespace, s.key.name))
             .collect()
     }
 
@@ -488,10 +499,11 @@ mod tests {
         write(&dir, "a.yaml", &format!("{API}---\n{bad}"));
         let snapshot = source.load().unwrap();
         assert_eq!(service_names(&snapshot), ["default/api", "shop/web"]);
-        let web = &snapshot.services[1];
+        let original: Service = serde_yaml::from_str(WEB).unwrap();
         assert_eq!(
-            web.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
-            80
+            snapshot.services[1],
+            ServiceInput::parse(&original).unwrap(),
+            "the previous version stays"
         );
         let message = snapshot.errors[0].to_string();
         assert!(

@@ -298,12 +298,26 @@ fn serve(
         thread::sleep(delay);
         let state = lock.lock().unwrap();
         let resource = &state.resources[path];
+        // Pages of `limit`, as kube-apiserver gives them; the continue token is the next offset.
         let items: Vec<&Value> = resource.items.values().filter(|o| matches(o)).collect();
+        let start: usize = params
+            .get("continue")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let limit: usize = params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(usize::MAX);
+        let end = start.saturating_add(limit).min(items.len());
+        let mut metadata = json!({"resourceVersion": state.resource_version.to_string()});
+        if end < items.len() {
+            metadata["continue"] = json!(end.to_string());
+        }
         let body = json!({
             "kind": resource.list_kind,
             "apiVersion": resource.api_version,
-            "metadata": {"resourceVersion": state.resource_version.to_string()},
-            "items": items,
+            "metadata": metadata,
+            "items": items[start.min(end)..end],
         });
         drop(state);
         return respond(stream, "200 OK", &body);
