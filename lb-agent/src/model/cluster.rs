@@ -40,11 +40,15 @@ pub struct Cluster {
     services: BTreeMap<ServiceKey, ServiceInput>,
     /// Slices by (namespace, name).
     slices: BTreeMap<(String, String), SliceInput>,
-    slices_by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
+    // Small sorted vectors, not B-tree maps, for the per-Service collections below: a Service has
+    // a few slices and frontends, and a B-tree node holds room for eleven (10 000 Services × a
+    // few node allocations each was most of the agent's memory).
+    /// Slice names by Service, sorted.
+    slices_by_service: BTreeMap<ServiceKey, Vec<String>>,
     /// Each Service's own frontends as last computed.
-    computed: BTreeMap<ServiceKey, BTreeMap<Frontend, FrontendState>>,
-    /// Which Services claim a frontend; the first in namespace/name order owns it.
-    claims: BTreeMap<Frontend, BTreeSet<ServiceKey>>,
+    computed: BTreeMap<ServiceKey, Vec<(Frontend, FrontendState)>>,
+    /// Which Services claim a frontend, sorted; the first in namespace/name order owns it.
+    claims: BTreeMap<Frontend, Vec<ServiceKey>>,
     state: DesiredState,
     dirty: BTreeSet<ServiceKey>,
 }
@@ -110,10 +114,10 @@ impl Cluster {
         }
         self.forget_slice(&id);
         if let Some(owner) = &input.owner {
-            self.slices_by_service
-                .entry(owner.clone())
-                .or_default()
-                .insert(id.1.clone());
+            insert_sorted(
+                self.slices_by_service.entry(owner.clone()).or_default(),
+                &id.1,
+            );
             self.dirty.insert(owner.clone());
         }
         self.slices.insert(id, input);
@@ -128,7 +132,7 @@ impl Cluster {
             return;
         };
         if let Some(names) = self.slices_by_service.get_mut(&owner) {
-            names.remove(&id.1);
+            names.retain(|name| *name != id.1);
             if names.is_empty() {
                 self.slices_by_service.remove(&owner);
             }
@@ -183,14 +187,9 @@ impl Cluster {
         let mut affected: BTreeSet<Frontend> = BTreeSet::new();
 
         for key in &dirty {
-            for frontend in self
-                .computed
-                .remove(key)
-                .into_iter()
-                .flat_map(|f| f.into_keys())
-            {
+            for (frontend, _) in self.computed.remove(key).into_iter().flatten() {
                 if let Some(claimants) = self.claims.get_mut(&frontend) {
-                    claimants.remove(key);
+                    claimants.retain(|k| k != key);
                     if claimants.is_empty() {
                         self.claims.remove(&frontend);
                     }
@@ -201,11 +200,8 @@ impl Cluster {
                 continue;
             };
             let frontends = self.translate_service(svc, &mut out.problems);
-            for frontend in frontends.keys() {
-                self.claims
-                    .entry(*frontend)
-                    .or_default()
-                    .insert(key.clone());
+            for (frontend, _) in &frontends {
+                insert_sorted(self.claims.entry(*frontend).or_default(), key);
                 affected.insert(*frontend);
             }
             self.computed.insert(key.clone(), frontends);
@@ -213,7 +209,10 @@ impl Cluster {
 
         for frontend in affected {
             let owner = self.claims.get(&frontend).and_then(|c| c.first());
-            let new = owner.and_then(|k| self.computed.get(k)?.get(&frontend).cloned());
+            let new = owner.and_then(|k| {
+                let (_, state) = self.computed.get(k)?.iter().find(|(f, _)| *f == frontend)?;
+                Some(state.clone())
+            });
             if let (Some(owner), Some(claimants)) = (owner, self.claims.get(&frontend)) {
                 for loser in claimants.iter().skip(1).filter(|k| dirty.contains(*k)) {
                     out.problems.push(Problem::new(
@@ -245,8 +244,8 @@ impl Cluster {
         &self,
         svc: &ServiceInput,
         problems: &mut Vec<Problem>,
-    ) -> BTreeMap<Frontend, FrontendState> {
-        let mut frontends = BTreeMap::new();
+    ) -> Vec<(Frontend, FrontendState)> {
+        let mut frontends = Vec::new();
         if !svc.ours(&self.node) {
             return frontends; // another proxy's: its problems are not ours to report either
         }
@@ -272,16 +271,23 @@ impl Cluster {
             for &frontend in &port.frontends {
                 let backends =
                     endpoints.backends_for(port, frontend.address, service.policy, &self.node);
-                frontends.insert(
+                frontends.push((
                     frontend,
                     FrontendState {
                         service: name.clone(),
                         backends,
                     },
-                );
+                ));
             }
         }
         frontends
+    }
+}
+
+/// Inserts `value` into a sorted vector unless it is there already.
+fn insert_sorted<T: Ord + Clone>(sorted: &mut Vec<T>, value: &T) {
+    if let Err(at) = sorted.binary_search(value) {
+        sorted.insert(at, value.clone());
     }
 }
 
