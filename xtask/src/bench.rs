@@ -6,8 +6,8 @@
 //!    a. direct to pod IPs, no load balancer on the path (the floor);
 //!    b. ClusterIP through lb;
 //!    c. direct to pod IPs from inside lb's cgroup (bystanders);
-//!    d. the same ClusterIP through kube-proxy-shaped iptables rules (KUBE-SERVICES → KUBE-SVC-… →
-//!       KUBE-SEP-…, `statistic` random, DNAT) in another client namespace;
+//!    d. the same ClusterIP through kube-proxy-shaped iptables rules (KUBE-SERVICES → KUBE-SVC-…
+//!    → KUBE-SEP-…, `statistic` random, DNAT) in another client namespace;
 //!    e. direct to pod IPs from that namespace (what every other connection pays for the rules).
 //! 2. Throughput: connects per second with 2 concurrent clients, through lb and direct.
 //! 3. Control plane at 10 000 Services × 10 endpoints: cold programming from manifests and from the

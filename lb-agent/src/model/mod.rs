@@ -30,8 +30,6 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
 pub use cluster::{Cluster, HEADLESS_LABEL, ServiceKey};
 pub use endpoints::SliceInput;
 pub use problem::{ObjectRef, Problem};
@@ -192,8 +190,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// namespace/name order.
 #[cfg(test)]
 pub fn translate<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    services: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Service>,
+    slices: impl IntoIterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>,
     node: &NodeContext,
 ) -> Translation {
     translate_inputs(
