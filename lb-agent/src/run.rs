@@ -197,7 +197,7 @@ async fn follow_kube(
             dataplane.apply_changes(&sync.changed)
         } else {
             // First full view: bring the adopted maps to it, removing what is gone.
-            dataplane.apply(state.cluster.state())
+            dataplane.apply(&state.cluster.state())
         };
         let timings = Timings {
             model,

@@ -130,7 +130,7 @@ fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashM
 impl MapStore for BpfMaps {
     fn write(&mut self, write: &Write) -> anyhow::Result<()> {
         let (map, result) = match write {
-            Write::PutName(id, name) => (NAMES_MAP, self.names.insert(id, name, 0)),
+            Write::PutName(id, name) => (NAMES_MAP, self.names.insert(id, name.as_ref(), 0)),
             Write::DeleteName(id) => (NAMES_MAP, ignore_missing(self.names.remove(id))),
             Write::PutBackend(key, BackendAddr::V4(b)) => {
                 (BACKENDS_MAP, self.backends.insert(key, b, 0))

@@ -76,7 +76,8 @@ pub type Wanted = BTreeMap<FrontendKey, WantedFrontend>;
 /// One map update. A backend's family says which backend map it goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
-    PutName(u32, ServiceName),
+    /// Boxed: names are large and rare among writes, which a full sync holds by the 100 000.
+    PutName(u32, Box<ServiceName>),
     PutBackend(BackendSlotKey, BackendAddr),
     PutService(FrontendKey, ServiceEntry),
     DeleteService(FrontendKey),
@@ -138,7 +139,7 @@ pub fn plan(programmed: &Programmed, wanted: &Wanted, scope: Scope) -> Vec<Front
 
 fn add(frontend: FrontendKey, want: &WantedFrontend, service_id: u32) -> FrontendChange {
     let slots: Vec<BackendAddr> = want.backends.iter().copied().collect();
-    let mut writes = vec![Write::PutName(service_id, want.name)];
+    let mut writes = vec![Write::PutName(service_id, Box::new(want.name))];
     writes.extend(
         slots
             .iter()
@@ -167,7 +168,7 @@ fn update(
     let slots = relayout(&current.slots, &want.backends);
     let mut writes = Vec::new();
     if current.name != want.name {
-        writes.push(Write::PutName(id, want.name));
+        writes.push(Write::PutName(id, Box::new(want.name)));
     }
     for (slot, backend) in slots.iter().enumerate() {
         if current.slots.get(slot).copied().flatten() != Some(*backend) {

@@ -29,7 +29,7 @@ impl MapStore for MemStore {
             Write::PutService(k, _) if Some(port(k)) == self.fail_port => {
                 anyhow::bail!("map full")
             }
-            Write::PutName(id, n) => drop(self.names.insert(*id, *n)),
+            Write::PutName(id, n) => drop(self.names.insert(*id, **n)),
             Write::PutBackend(k, b) => drop(self.backends.insert((family(b), *k), *b)),
             Write::PutService(k, e) => drop(self.services.insert(*k, *e)),
             Write::DeleteService(k) => drop(self.services.remove(k)),

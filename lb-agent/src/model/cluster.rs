@@ -49,7 +49,6 @@ pub struct Cluster {
     computed: BTreeMap<ServiceKey, Vec<(Frontend, FrontendState)>>,
     /// Which Services claim a frontend, sorted; the first in namespace/name order owns it.
     claims: BTreeMap<Frontend, Vec<ServiceKey>>,
-    state: DesiredState,
     dirty: BTreeSet<ServiceKey>,
 }
 
@@ -61,14 +60,15 @@ impl Cluster {
         }
     }
 
-    /// The frontends as of the last [`sync`](Self::sync).
-    pub fn state(&self) -> &DesiredState {
-        &self.state
-    }
-
-    /// For a one-shot translation that takes the result.
-    pub(super) fn state_mut(&mut self) -> &mut DesiredState {
-        &mut self.state
+    /// Every frontend as of the last [`sync`](Self::sync), gathered from the per-Service
+    /// results (the model keeps no second copy).
+    pub fn state(&self) -> DesiredState {
+        let frontends = self
+            .claims
+            .keys()
+            .filter_map(|f| Some((*f, self.output(f)?.clone())))
+            .collect();
+        DesiredState { frontends }
     }
 
     pub fn node(&self) -> &NodeContext {
@@ -184,36 +184,54 @@ impl Cluster {
             services: dirty.len(),
             ..Default::default()
         };
-        let mut affected: BTreeSet<Frontend> = BTreeSet::new();
 
-        for key in &dirty {
-            for (frontend, _) in self.computed.remove(key).into_iter().flatten() {
+        // The dirty Services' new results, computed before anything changes.
+        let results: Vec<(ServiceKey, Option<Vec<(Frontend, FrontendState)>>)> = dirty
+            .iter()
+            .map(|key| {
+                let frontends = self
+                    .services
+                    .get(key)
+                    .map(|svc| self.translate_service(svc, &mut out.problems));
+                (key.clone(), frontends)
+            })
+            .collect();
+        // Every frontend they had or have, and what it was.
+        let mut affected: BTreeSet<Frontend> = BTreeSet::new();
+        for (key, frontends) in &results {
+            let old = self.computed.get(key).into_iter().flatten();
+            let new = frontends.iter().flatten();
+            affected.extend(old.chain(new).map(|(f, _)| *f));
+        }
+        let before: Vec<(Frontend, Option<FrontendState>)> = affected
+            .into_iter()
+            .map(|f| (f, self.output(&f).cloned()))
+            .collect();
+
+        for (key, frontends) in results {
+            for (frontend, _) in self.computed.remove(&key).into_iter().flatten() {
                 if let Some(claimants) = self.claims.get_mut(&frontend) {
-                    claimants.retain(|k| k != key);
+                    claimants.retain(|k| *k != key);
                     if claimants.is_empty() {
                         self.claims.remove(&frontend);
                     }
                 }
-                affected.insert(frontend);
             }
-            let Some(svc) = self.services.get(key) else {
-                continue;
-            };
-            let frontends = self.translate_service(svc, &mut out.problems);
-            for (frontend, _) in &frontends {
-                insert_sorted(self.claims.entry(*frontend).or_default(), key);
-                affected.insert(*frontend);
+            if let Some(frontends) = frontends {
+                for (frontend, _) in &frontends {
+                    insert_sorted(self.claims.entry(*frontend).or_default(), &key);
+                }
+                self.computed.insert(key, frontends);
             }
-            self.computed.insert(key.clone(), frontends);
         }
 
-        for frontend in affected {
-            let owner = self.claims.get(&frontend).and_then(|c| c.first());
-            let new = owner.and_then(|k| {
-                let (_, state) = self.computed.get(k)?.iter().find(|(f, _)| *f == frontend)?;
-                Some(state.clone())
-            });
-            if let (Some(owner), Some(claimants)) = (owner, self.claims.get(&frontend)) {
+        for (frontend, old) in before {
+            let claimants = self
+                .claims
+                .get(&frontend)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if let Some(owner) = claimants.first() {
                 for loser in claimants.iter().skip(1).filter(|k| dirty.contains(*k)) {
                     out.problems.push(Problem::new(
                         ObjectRef {
@@ -229,15 +247,19 @@ impl Cluster {
                     ));
                 }
             }
-            if self.state.frontends.get(&frontend) != new.as_ref() {
-                match &new {
-                    Some(state) => self.state.frontends.insert(frontend, state.clone()),
-                    None => self.state.frontends.remove(&frontend),
-                };
-                out.changed.insert(frontend, new);
+            let new = self.output(&frontend);
+            if new != old.as_ref() {
+                out.changed.insert(frontend, new.cloned());
             }
         }
         out
+    }
+
+    /// A frontend's programming: its owner's result for it.
+    fn output(&self, frontend: &Frontend) -> Option<&FrontendState> {
+        let owner = self.claims.get(frontend)?.first()?;
+        let results = self.computed.get(owner)?;
+        results.iter().find(|(f, _)| f == frontend).map(|(_, s)| s)
     }
 
     fn translate_service(

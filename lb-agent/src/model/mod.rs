@@ -214,9 +214,8 @@ pub fn translate_inputs(
     cluster.replace_services(services);
     cluster.replace_slices(slices);
     let problems = cluster.sync().problems;
-    let state = std::mem::take(&mut cluster.state_mut().frontends);
     Translation {
-        state: DesiredState { frontends: state },
+        state: cluster.state(),
         problems,
     }
 }
