@@ -208,6 +208,8 @@ async fn follow_kube(
         if !programmed {
             programmed = true;
             health.set_ready();
+            state.cluster.compact();
+            dataplane.compact();
             release_freed_memory();
             info!(frontends = dataplane.len(), "initial sync done; ready");
         }
@@ -302,6 +304,8 @@ fn sync_manifests(
         apply: started.elapsed(),
     };
     log_report(&report, dataplane.len(), 1, services, timings);
+    source.compact();
+    dataplane.compact();
     release_freed_memory();
 }
 

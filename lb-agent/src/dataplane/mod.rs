@@ -106,6 +106,11 @@ impl<S: MapStore> Dataplane<S> {
         Ok(dataplane)
     }
 
+    /// Re-allocates the view of the maps after a large apply (see `Cluster::compact`).
+    pub fn compact(&mut self) {
+        self.programmed = self.programmed.clone();
+    }
+
     /// Number of frontends programmed.
     pub fn len(&self) -> usize {
         self.programmed.len()

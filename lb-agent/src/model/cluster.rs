@@ -71,6 +71,17 @@ impl Cluster {
         DesiredState { frontends }
     }
 
+    /// Re-allocates everything the model keeps, after a large sync: the copies fill the holes the
+    /// sync's short-lived allocations left, and dropping the originals frees whole pages, which
+    /// the allocator can then return to the system.
+    pub fn compact(&mut self) {
+        self.services = self.services.clone();
+        self.slices = self.slices.clone();
+        self.slices_by_service = self.slices_by_service.clone();
+        self.computed = self.computed.clone();
+        self.claims = self.claims.clone();
+    }
+
     pub fn node(&self) -> &NodeContext {
         &self.node
     }

@@ -151,6 +151,11 @@ impl ManifestSource {
         Ok(out)
     }
 
+    /// Re-allocates the objects kept after a large load (see `Cluster::compact`).
+    pub fn compact(&mut self) {
+        self.files = self.files.clone();
+    }
+
     /// Reads every file again and returns all objects.
     pub fn load(&mut self) -> anyhow::Result<Snapshot> {
         let paths = self.paths()?;
