@@ -13,6 +13,9 @@ use super::{
     service::ServiceInput,
 };
 
+/// A Service's frontends and their programming, in the order computed.
+type Results = Vec<(Frontend, FrontendState)>;
+
 /// Label of the slices the control plane keeps for headless Services; proxies skip them.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
@@ -46,7 +49,7 @@ pub struct Cluster {
     /// Slice names by Service, sorted.
     slices_by_service: BTreeMap<ServiceKey, Vec<String>>,
     /// Each Service's own frontends as last computed.
-    computed: BTreeMap<ServiceKey, Vec<(Frontend, FrontendState)>>,
+    computed: BTreeMap<ServiceKey, Results>,
     /// Which Services claim a frontend, sorted; the first in namespace/name order owns it.
     claims: BTreeMap<Frontend, Vec<ServiceKey>>,
     dirty: BTreeSet<ServiceKey>,
@@ -197,7 +200,7 @@ impl Cluster {
         };
 
         // The dirty Services' new results, computed before anything changes.
-        let results: Vec<(ServiceKey, Option<Vec<(Frontend, FrontendState)>>)> = dirty
+        let results: Vec<(ServiceKey, Option<Results>)> = dirty
             .iter()
             .map(|key| {
                 let frontends = self
@@ -273,11 +276,7 @@ impl Cluster {
         results.iter().find(|(f, _)| f == frontend).map(|(_, s)| s)
     }
 
-    fn translate_service(
-        &self,
-        svc: &ServiceInput,
-        problems: &mut Vec<Problem>,
-    ) -> Vec<(Frontend, FrontendState)> {
+    fn translate_service(&self, svc: &ServiceInput, problems: &mut Vec<Problem>) -> Results {
         let mut frontends = Vec::new();
         if !svc.ours(&self.node) {
             return frontends; // another proxy's: its problems are not ours to report either
