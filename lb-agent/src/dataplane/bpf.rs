@@ -97,26 +97,24 @@ impl BpfMaps {
             })?;
             Ok(Map::HashMap(data))
         };
-        Ok(Self {
-            services: typed(open(SERVICES_MAP)?, SERVICES_MAP)?,
-            backends: typed(open(BACKENDS_MAP)?, BACKENDS_MAP)?,
-            services6: typed(open(SERVICES6_MAP)?, SERVICES6_MAP)?,
-            backends6: typed(open(BACKENDS6_MAP)?, BACKENDS6_MAP)?,
-            names: typed(open(NAMES_MAP)?, NAMES_MAP)?,
-        })
+        Self::from_maps(open)
     }
 
     fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| {
+        Self::from_maps(|name| {
             ebpf.take_map(name)
                 .with_context(|| format!("the eBPF object has no map {name}"))
-        };
+        })
+    }
+
+    /// The maps, each got by name from `get` and checked against its key and value types.
+    fn from_maps(mut get: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
         Ok(Self {
-            services: typed(take(SERVICES_MAP)?, SERVICES_MAP)?,
-            backends: typed(take(BACKENDS_MAP)?, BACKENDS_MAP)?,
-            services6: typed(take(SERVICES6_MAP)?, SERVICES6_MAP)?,
-            backends6: typed(take(BACKENDS6_MAP)?, BACKENDS6_MAP)?,
-            names: typed(take(NAMES_MAP)?, NAMES_MAP)?,
+            services: typed(get(SERVICES_MAP)?, SERVICES_MAP)?,
+            backends: typed(get(BACKENDS_MAP)?, BACKENDS_MAP)?,
+            services6: typed(get(SERVICES6_MAP)?, SERVICES6_MAP)?,
+            backends6: typed(get(BACKENDS6_MAP)?, BACKENDS6_MAP)?,
+            names: typed(get(NAMES_MAP)?, NAMES_MAP)?,
         })
     }
 }

@@ -49,8 +49,16 @@ impl Snapshot {
         v4.chain(v6)
     }
 
-    /// Every backend slot, by family.
-    fn backends(&self) -> BTreeMap<(Family, BackendSlotKey), BackendAddr> {
+    /// Every backend slot's key, by family.
+    fn backend_slots(&self) -> impl Iterator<Item = (Family, BackendSlotKey)> + '_ {
+        let v4 = self.backends4.iter().map(|(k, _)| (Family::V4, *k));
+        let v6 = self.backends6.iter().map(|(k, _)| (Family::V6, *k));
+        v4.chain(v6)
+    }
+
+    /// Every frontend as the maps hold it: its name, and its slots `0..count` in order (`None`
+    /// where the map lacks one).
+    fn frontends(&self) -> Programmed {
         let v4 = self
             .backends4
             .iter()
@@ -59,7 +67,29 @@ impl Snapshot {
             .backends6
             .iter()
             .map(|(k, b)| ((Family::V6, *k), BackendAddr::V6(*b)));
-        v4.chain(v6).collect()
+        let backends: BTreeMap<(Family, BackendSlotKey), BackendAddr> = v4.chain(v6).collect();
+        let names: BTreeMap<u32, ServiceName> = self.names.iter().copied().collect();
+        self.services()
+            .map(|(frontend, entry)| {
+                let service_id = entry.service_id;
+                let slots = (0..u32::from(entry.backend_count))
+                    .map(|slot| {
+                        let slot = BackendSlotKey { service_id, slot };
+                        backends.get(&(frontend.family(), slot)).copied()
+                    })
+                    .collect();
+                let name = names
+                    .get(&service_id)
+                    .copied()
+                    .unwrap_or_else(|| ServiceName::new("", "", ""));
+                let programmed = ProgrammedFrontend {
+                    service_id,
+                    name,
+                    slots,
+                };
+                (frontend, programmed)
+            })
+            .collect()
     }
 }
 
@@ -237,58 +267,27 @@ impl<S: MapStore> Dataplane<S> {
     /// entry reaches (left by an agent that stopped mid-change).
     fn reload(&mut self) -> anyhow::Result<()> {
         let snapshot = self.store.snapshot()?;
-        let backends = snapshot.backends();
-        let names: BTreeMap<u32, ServiceName> = snapshot.names.iter().copied().collect();
-
-        let mut programmed = Programmed::new();
-        for (frontend, entry) in snapshot.services() {
-            let id = entry.service_id;
-            let family = frontend.family();
-            let slots = (0..u32::from(entry.backend_count))
-                .map(|slot| {
-                    backends
-                        .get(&(
-                            family,
-                            BackendSlotKey {
-                                service_id: id,
-                                slot,
-                            },
-                        ))
-                        .copied()
-                })
-                .collect();
-            let name = names
-                .get(&id)
-                .copied()
-                .unwrap_or_else(|| ServiceName::new("", "", ""));
-            programmed.insert(
-                frontend,
-                ProgrammedFrontend {
-                    service_id: id,
-                    name,
-                    slots,
-                },
-            );
-        }
+        let programmed = snapshot.frontends();
 
         let reachable: BTreeMap<(Family, u32), usize> = programmed
             .iter()
             .map(|(k, p)| ((k.family(), p.service_id), p.slots.len()))
             .collect();
         let ids: BTreeSet<u32> = programmed.values().map(|p| p.service_id).collect();
-        let orphans = backends
-            .keys()
+        let orphans = snapshot
+            .backend_slots()
             .filter(|(family, k)| {
                 reachable
                     .get(&(*family, k.service_id))
                     .is_none_or(|&count| k.slot as usize >= count)
             })
-            .map(|(family, k)| Write::DeleteBackend(*family, *k))
+            .map(|(family, k)| Write::DeleteBackend(family, k))
             .chain(
-                names
-                    .keys()
-                    .filter(|id| !ids.contains(id))
-                    .map(|id| Write::DeleteName(*id)),
+                snapshot
+                    .names
+                    .iter()
+                    .filter(|(id, _)| !ids.contains(id))
+                    .map(|(id, _)| Write::DeleteName(*id)),
             )
             .collect::<Vec<_>>();
         for write in orphans {
@@ -364,30 +363,20 @@ pub struct FrontendView {
 
 /// Reads every frontend from a snapshot, sorted by Service then frontend.
 pub fn view(snapshot: &Snapshot) -> Vec<FrontendView> {
-    let backends = snapshot.backends();
-    let names: BTreeMap<u32, ServiceName> = snapshot.names.iter().copied().collect();
     let mut out: Vec<FrontendView> = snapshot
-        .services()
-        .map(|(key, entry)| {
-            let name = names.get(&entry.service_id);
-            let slots: Vec<Option<&BackendAddr>> = (0..u32::from(entry.backend_count))
-                .map(|slot| {
-                    let slot = BackendSlotKey {
-                        service_id: entry.service_id,
-                        slot,
-                    };
-                    backends.get(&(key.family(), slot))
-                })
-                .collect();
+        .frontends()
+        .into_iter()
+        .map(|(key, programmed)| {
+            let name = &programmed.name;
             FrontendView {
                 service: ServicePortName {
-                    namespace: name.map(|n| n.namespace().to_owned()).unwrap_or_default(),
-                    name: name.map(|n| n.name().to_owned()).unwrap_or_default(),
-                    port: name.map(|n| n.port_name().to_owned()).unwrap_or_default(),
+                    namespace: name.namespace().to_owned(),
+                    name: name.name().to_owned(),
+                    port: name.port_name().to_owned(),
                 },
                 frontend: frontend_of(&key),
-                missing_slots: slots.iter().filter(|s| s.is_none()).count(),
-                backends: slots.into_iter().flatten().map(backend_of).collect(),
+                missing_slots: programmed.slots.iter().filter(|s| s.is_none()).count(),
+                backends: programmed.slots.iter().flatten().map(backend_of).collect(),
             }
         })
         .collect();
