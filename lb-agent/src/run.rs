@@ -27,7 +27,7 @@ use crate::{
     model::{self, NodeContext},
     source::{
         kube::{self as kube_source, KubeState},
-        manifest::{Fingerprint, ManifestSource, ObjectKey},
+        manifest::{Fingerprint, ManifestSource},
     },
 };
 
@@ -291,7 +291,7 @@ fn sync_manifests(
     for problem in &translation.problems {
         let file = snapshot
             .origins
-            .get(&ObjectKey::from(&problem.object))
+            .get(&problem.object)
             .map(|p| p.as_path())
             .unwrap_or(root);
         warn!("{}: {problem}", file.display());

@@ -16,9 +16,6 @@ use super::{
 /// A Service's frontends and their programming, in the order computed.
 type Results = Vec<(Frontend, FrontendState)>;
 
-/// Label of the slices the control plane keeps for headless Services; proxies skip them.
-pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
-
 /// A Service's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {

@@ -30,7 +30,7 @@ use std::{
     net::IpAddr,
 };
 
-pub use cluster::{Cluster, HEADLESS_LABEL, ServiceKey};
+pub use cluster::{Cluster, ServiceKey};
 pub use endpoints::SliceInput;
 pub use problem::{ObjectRef, Problem};
 pub use service::ServiceInput;
@@ -181,6 +181,9 @@ pub struct Translation {
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Label of the slices the control plane keeps for headless Services; proxies skip them.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// Translates Services and EndpointSlices into frontends and backend sets, all at once.
 ///

@@ -4,8 +4,8 @@ use std::fmt;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-/// The Kubernetes object a problem is about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A Kubernetes object by kind, namespace and name: what `kubectl` considers the same object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ObjectRef {
     pub kind: &'static str,
     pub namespace: String,

@@ -24,6 +24,11 @@ use crate::model::{Cluster, NodeContext, ServiceInput, SliceInput};
 /// Label of a Node's zone, used for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
+/// A Node's zone, from its label.
+pub fn node_zone(node: &Node) -> Option<String> {
+    node.labels().get(ZONE_LABEL).cloned()
+}
+
 /// A client from `--kubeconfig`, else the usual inference (`KUBECONFIG`, `~/.kube/config`,
 /// in-cluster service account).
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
@@ -218,9 +223,7 @@ impl KubeState {
             },
             Change::Node(event) => {
                 // Watched by name: a list holds this node or nothing.
-                let zone = match self.node.feed(*event, |node: &Node| {
-                    Some(node.labels().get(ZONE_LABEL).cloned())
-                }) {
+                let zone = match self.node.feed(*event, |node: &Node| Some(node_zone(node))) {
                     Feed::Replace(mut all) => all.pop().flatten(),
                     Feed::Upsert(zone) => zone,
                     Feed::Delete(..) => None,

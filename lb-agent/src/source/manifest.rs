@@ -24,7 +24,7 @@ use tracing::debug;
 
 use crate::{
     model::{ObjectRef, ServiceInput, SliceInput},
-    source::kube::ZONE_LABEL,
+    source::kube::node_zone,
 };
 
 /// A Service, EndpointSlice or Node read from a file, kept as the model keeps it.
@@ -38,37 +38,13 @@ pub enum Object {
     },
 }
 
-/// Kind, namespace and name: what `kubectl` considers the same object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ObjectKey {
-    pub kind: &'static str,
-    pub namespace: String,
-    pub name: String,
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
-    }
-}
-
-impl From<&ObjectRef> for ObjectKey {
-    fn from(o: &ObjectRef) -> Self {
-        Self {
-            kind: o.kind,
-            namespace: o.namespace.clone(),
-            name: o.name.clone(),
-        }
-    }
-}
-
 /// Something in a file that could not be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestError {
     pub file: PathBuf,
     /// 1-based document number within the file.
     pub document: Option<usize>,
-    pub object: Option<ObjectKey>,
+    pub object: Option<ObjectRef>,
     pub message: String,
 }
 
@@ -92,7 +68,7 @@ pub struct Snapshot {
     pub slices: Vec<SliceInput>,
     /// Zones of the Nodes defined, by name.
     pub zones: BTreeMap<String, Option<String>>,
-    pub origins: BTreeMap<ObjectKey, PathBuf>,
+    pub origins: BTreeMap<ObjectRef, PathBuf>,
     pub errors: Vec<ManifestError>,
 }
 
@@ -102,7 +78,7 @@ pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 pub struct ManifestSource {
     root: PathBuf,
     /// Last good objects of each file, in file order.
-    files: BTreeMap<PathBuf, Vec<(ObjectKey, Object)>>,
+    files: BTreeMap<PathBuf, Vec<(ObjectRef, Object)>>,
 }
 
 impl ManifestSource {
@@ -178,7 +154,7 @@ impl ManifestSource {
             ..Default::default()
         };
         // Like repeated `kubectl apply`, a later file redefining an object wins.
-        let mut latest: BTreeMap<ObjectKey, (&PathBuf, &Object)> = BTreeMap::new();
+        let mut latest: BTreeMap<ObjectRef, (&PathBuf, &Object)> = BTreeMap::new();
         for (path, objects) in &self.files {
             for (key, object) in objects {
                 if let Some((earlier, _)) = latest.insert(key.clone(), (path, object)) {
@@ -219,9 +195,9 @@ fn file_error(path: &Path, message: String) -> ManifestError {
 fn parse_file(
     path: &Path,
     text: &str,
-    previous: &[(ObjectKey, Object)],
+    previous: &[(ObjectRef, Object)],
     errors: &mut Vec<ManifestError>,
-) -> Vec<(ObjectKey, Object)> {
+) -> Vec<(ObjectRef, Object)> {
     // Each document is parsed into the model's form before the next is read, so a large file
     // never exists as a tree of YAML values all at once.
     let mut objects = Vec::new();
@@ -242,7 +218,7 @@ fn parse_file(
                 return previous.to_vec();
             }
         };
-        let mut error = |object: Option<ObjectKey>, message: String| {
+        let mut error = |object: Option<ObjectRef>, message: String| {
             file_errors.push(ManifestError {
                 file: path.to_owned(),
                 document: Some(index + 1),
@@ -285,10 +261,10 @@ fn parse_file(
     objects
 }
 
-type ObjectError = (Option<ObjectKey>, String);
+type ObjectError = (Option<ObjectRef>, String);
 
 /// One object: `Ok(None)` for kinds lb does not use.
-fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError> {
+fn parse_object(value: Value) -> Result<Option<(ObjectRef, Object)>, ObjectError> {
     let text = |field: &str| value.get(field).and_then(Value::as_str).map(str::to_owned);
     let (Some(api_version), Some(kind)) = (text("apiVersion"), text("kind")) else {
         return Err((
@@ -321,7 +297,7 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
         "Node" => String::new(),
         _ => meta_text("namespace").unwrap_or_else(|| "default".to_owned()),
     };
-    let key = name.as_ref().map(|name| ObjectKey {
+    let key = name.as_ref().map(|name| ObjectRef {
         kind,
         namespace: namespace.clone(),
         name: name.clone(),
@@ -349,13 +325,9 @@ fn parse_object(value: Value) -> Result<Option<(ObjectKey, Object)>, ObjectError
             ServiceInput::parse(&s).map(Object::Service)
         }),
         "Node" => deserialize::<Node>(value).map(|n| {
-            let zone = n
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(ZONE_LABEL))
-                .cloned();
-            Some(Object::Node { zone })
+            Some(Object::Node {
+                zone: node_zone(&n),
+            })
         }),
         _ => deserialize::<EndpointSlice>(value).map(|mut s| {
             s.metadata.namespace = Some(namespace);
@@ -440,7 +412,7 @@ mod tests {
         assert_eq!(service_names(&snapshot), ["default/api", "shop/web"]);
         assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
         assert_eq!(
-            snapshot.origins[&ObjectKey {
+            snapshot.origins[&ObjectRef {
                 kind: "Service",
                 namespace: "shop".into(),
                 name: "web".into()
