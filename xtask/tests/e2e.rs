@@ -106,7 +106,7 @@ fn testbed(pods: &[PodSpec]) -> anyhow::Result<Testbed> {
 }
 
 /// The `web` Service (port 80 → named targetPort `http`) and one slice with `pods` on 8080.
-fn web_manifest(pods: &[&PodSpec]) -> String {
+fn web_manifest(pods: &[PodSpec]) -> String {
     let endpoints: Vec<Endpoint> = pods
         .iter()
         .map(|p| Endpoint::ready(p.ip, &p.name))
@@ -135,6 +135,15 @@ fn probe_web_for(
     tb.spawn_probe(&args)
 }
 
+/// `count` web pods, all of them in the web manifest, and the agent running on it.
+fn web_testbed(count: u8) -> anyhow::Result<(Vec<PodSpec>, Testbed)> {
+    let pods = PodSpec::numbered("web", count, &[HTTP]);
+    let mut tb = testbed(&pods)?;
+    tb.write_manifest("web.yaml", &web_manifest(&pods))?;
+    tb.start_agent()?;
+    Ok((pods, tb))
+}
+
 /// Answers by pod name; fails on any attempt that got no answer.
 fn answers(attempts: &[Attempt]) -> anyhow::Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
@@ -151,10 +160,7 @@ fn answers(attempts: &[Attempt]) -> anyhow::Result<BTreeMap<String, usize>> {
 }
 
 fn spread() -> anyhow::Result<()> {
-    let pods = PodSpec::numbered("web", 3, &[HTTP]);
-    let mut tb = testbed(&pods)?;
-    tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
-    tb.start_agent()?;
+    let (_, tb) = web_testbed(3)?;
 
     let attempts = tb.probe(&tb.probe_args(web(), 300))?;
     ensure!(
@@ -178,16 +184,13 @@ fn spread() -> anyhow::Result<()> {
 fn scale_up() -> anyhow::Result<()> {
     let pods = PodSpec::numbered("web", 5, &[HTTP]);
     let mut tb = testbed(&pods)?;
-    tb.write_manifest(
-        "web.yaml",
-        &web_manifest(&pods[..3].iter().collect::<Vec<_>>()),
-    )?;
+    tb.write_manifest("web.yaml", &web_manifest(&pods[..3]))?;
     tb.start_agent()?;
 
     let probe = probe_web_for(&tb, 2_500, 2)?;
     thread::sleep(Duration::from_millis(500));
     let written_at = now_us();
-    tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
+    tb.write_manifest("web.yaml", &web_manifest(&pods))?;
     let attempts = xtask::testbed::probe::collect(probe)?;
 
     answers(&attempts).context("while the backend set grew")?;
@@ -211,16 +214,10 @@ fn scale_up() -> anyhow::Result<()> {
 }
 
 fn scale_down() -> anyhow::Result<()> {
-    let pods = PodSpec::numbered("web", 5, &[HTTP]);
-    let mut tb = testbed(&pods)?;
-    tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
-    tb.start_agent()?;
+    let (pods, mut tb) = web_testbed(5)?;
 
     let mark = tb.agent().mark();
-    tb.write_manifest(
-        "web.yaml",
-        &web_manifest(&pods[..2].iter().collect::<Vec<_>>()),
-    )?;
+    tb.write_manifest("web.yaml", &web_manifest(&pods[..2]))?;
     let line = tb.agent().wait_for(SYNCED, mark, Duration::from_secs(5))?;
     ensure!(line.contains("updated=1"), "unexpected sync: {line}");
 
@@ -259,10 +256,7 @@ fn no_endpoints() -> anyhow::Result<()> {
 }
 
 fn untouched() -> anyhow::Result<()> {
-    let pods = PodSpec::numbered("web", 3, &[HTTP]);
-    let mut tb = testbed(&pods)?;
-    tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
-    tb.start_agent()?;
+    let (pods, tb) = web_testbed(3)?;
 
     // A pod IP is not a frontend: every connect goes exactly there.
     let direct = answers(&tb.probe(&tb.probe_args(SocketAddr::from((pods[1].ip, HTTP)), 30))?)?;
@@ -361,10 +355,7 @@ fn named_target_ports() -> anyhow::Result<()> {
 }
 
 fn restart() -> anyhow::Result<()> {
-    let pods = PodSpec::numbered("web", 3, &[HTTP]);
-    let mut tb = testbed(&pods)?;
-    tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
-    tb.start_agent()?;
+    let (_, mut tb) = web_testbed(3)?;
 
     let probe = probe_web_for(&tb, 4_000, 5)?;
     thread::sleep(Duration::from_millis(500));
@@ -409,10 +400,7 @@ fn restart() -> anyhow::Result<()> {
 }
 
 fn bad_input() -> anyhow::Result<()> {
-    let pods = PodSpec::numbered("web", 2, &[HTTP]);
-    let mut tb = testbed(&pods)?;
-    tb.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
-    tb.start_agent()?;
+    let (pods, mut tb) = web_testbed(2)?;
 
     // Junk YAML in a new file, and a Service with a port out of range in another.
     let mark = tb.agent().mark();
@@ -450,7 +438,7 @@ fn bad_input() -> anyhow::Result<()> {
     let mark = tb.agent().mark();
     tb.write_manifest(
         "web.yaml",
-        &web_manifest(&pods.iter().collect::<Vec<_>>()).replace("port: 8080", "port: http-alt"),
+        &web_manifest(&pods).replace("port: 8080", "port: http-alt"),
     )?;
     let line = tb
         .agent()
@@ -473,7 +461,7 @@ fn list_and_reset() -> anyhow::Result<()> {
         "all.yaml",
         &format!(
             "{}{}",
-            web_manifest(&pods.iter().collect::<Vec<_>>()),
+            web_manifest(&pods),
             manifests::documents(&[manifests::service(
                 "demo",
                 "cache",
@@ -749,7 +737,7 @@ fn kube_web_testbed() -> anyhow::Result<(Vec<PodSpec>, Testbed, FakeApi)> {
     let pods = PodSpec::numbered("web", 3, &[HTTP]);
     let mut tb = testbed(&pods)?;
     let api = FakeApi::start()?;
-    serve_objects(&api, &web_manifest(&pods.iter().collect::<Vec<_>>()))?;
+    serve_objects(&api, &web_manifest(&pods))?;
     tb.use_api(&api, None)?;
     tb.start_agent()?;
     Ok((pods, tb, api))
@@ -766,7 +754,7 @@ fn kube_outage() -> anyhow::Result<()> {
         .wait_for("watch failed", mark, Duration::from_secs(10))?;
 
     // Scaled to 2 while the agent cannot see it.
-    let scaled = objects(&web_manifest(&pods[..2].iter().collect::<Vec<_>>()))?;
+    let scaled = objects(&web_manifest(&pods[..2]))?;
     let slice = scaled
         .into_iter()
         .find(|o| o["kind"] == "EndpointSlice")

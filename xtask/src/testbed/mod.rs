@@ -208,14 +208,6 @@ impl Testbed {
         Ok(name)
     }
 
-    pub fn pods(&self) -> impl Iterator<Item = &PodSpec> {
-        self.pods.iter().map(|(spec, _, _)| spec)
-    }
-
-    pub fn manifests_dir(&self) -> &Path {
-        &self.manifests
-    }
-
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
