@@ -70,6 +70,12 @@ pub struct RunArgs {
     /// Address for /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub health_addr: SocketAddr,
+    /// Capacity of each per-socket map (LRU): the translations that let UDP replies and
+    /// getpeername show the ClusterIP, and the backend each unconnected UDP socket keeps per
+    /// Service. When full, the least recently used entry goes: a reply for it shows the Pod IP.
+    /// About 100 bytes of kernel memory per entry and map.
+    #[arg(long, default_value_t = lb_common::DEFAULT_SOCKET_MAP_ENTRIES, value_name = "N")]
+    pub socket_map_entries: u32,
     /// How often to check the manifests for changes.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub poll_interval: Duration,

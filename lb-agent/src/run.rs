@@ -75,7 +75,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     } else {
         aya_log::Level::Info
     };
-    let loaded = bpf::load_and_attach(&args.pin_dir, &cgroup, ebpf_level)?;
+    let loaded =
+        bpf::load_and_attach(&args.pin_dir, &cgroup, ebpf_level, args.socket_map_entries)?;
     relay_ebpf_logs(loaded.logger)?;
     let mut dataplane = Dataplane::adopt(loaded.maps)?;
     info!(frontends = dataplane.len(), "adopted the pinned maps");
@@ -334,7 +335,6 @@ fn log_report(report: &ApplyReport, frontends: usize, events: usize, services: u
         updated = report.updated,
         removed = report.removed,
         failed = report.failed.len(),
-        ipv6 = report.ipv6,
         events,
         services,
         read_us = t.read.as_micros() as u64,

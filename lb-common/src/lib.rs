@@ -12,13 +12,28 @@
 //!
 //! | map            | key                | value            | read by |
 //! |----------------|--------------------|------------------|---------|
-//! | `LB4_SERVICES` | [`Frontend4Key`]   | [`ServiceEntry`] | connect4 |
-//! | `LB4_BACKENDS` | [`BackendSlotKey`] | [`Backend4`]     | connect4 |
-//! | `LB6_SERVICES` | [`Frontend6Key`]   | [`ServiceEntry`] | (connect6, to come) |
-//! | `LB6_BACKENDS` | [`BackendSlotKey`] | [`Backend6`]     | (connect6, to come) |
+//! | `LB4_SERVICES` | [`Frontend4Key`]   | [`ServiceEntry`] | connect4/6, sendmsg4/6 |
+//! | `LB4_BACKENDS` | [`BackendSlotKey`] | [`Backend4`]     | connect4/6, sendmsg4/6 |
+//! | `LB6_SERVICES` | [`Frontend6Key`]   | [`ServiceEntry`] | connect6, sendmsg6 |
+//! | `LB6_BACKENDS` | [`BackendSlotKey`] | [`Backend6`]     | connect6, sendmsg6 |
 //! | `LB_SVC_NAMES` | `u32` service id   | [`ServiceName`]  | `lb-agent list` |
 //!
-//! The agent writes them all.
+//! The agent writes those. The programs themselves keep two per-socket maps per family, both LRU
+//! (sized by the agent's `--socket-map-entries`, so they can never fill up):
+//!
+//! | map                 | key                | value             | written by | read by |
+//! |---------------------|--------------------|-------------------|------------|---------|
+//! | `LB4_REVERSE`       | [`Reverse4Key`]    | [`ServiceAddr4`]  | connect4/6, sendmsg4/6 | recvmsg4/6, getpeername4/6 |
+//! | `LB6_REVERSE`       | [`Reverse6Key`]    | [`ServiceAddr6`]  | connect6, sendmsg6 | recvmsg6, getpeername6 |
+//! | `LB4_SOCK_BACKEND`  | [`SockFrontend4Key`] | [`SockBackend4`] | sendmsg4/6 | sendmsg4/6 |
+//! | `LB6_SOCK_BACKEND`  | [`SockFrontend6Key`] | [`SockBackend6`] | sendmsg6 | sendmsg6 |
+//!
+//! `*_REVERSE` turns a translated socket's backend back into the frontend it addressed, so replies
+//! (recvmsg) and the socket's peer (getpeername) show the ClusterIP. `*_SOCK_BACKEND` keeps the
+//! datagrams one unconnected UDP socket sends to one frontend on one backend while that backend
+//! stays in its slot. Both are keyed by the kernel's socket cookie, unique per socket per boot.
+//! IPv4 Services reached through IPv4-mapped addresses (`::ffff:a.b.c.d`) on AF_INET6 sockets use
+//! the IPv4 maps.
 //!
 //! A frontend (ClusterIP, port, protocol) maps to a service entry whose `backend_count` slots
 //! `0..backend_count` in `LB4_BACKENDS` are all present; the agent keeps that invariant by writing
@@ -170,6 +185,93 @@ fn read_str(bytes: &[u8]) -> &str {
     core::str::from_utf8(&bytes[..len]).unwrap_or("")
 }
 
+/// Key of `LB4_REVERSE`: a socket whose destination was translated, and the backend it got.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Reverse4Key {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    /// Backend Pod IP, network byte order.
+    pub address: [u8; 4],
+    /// Backend port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `LB6_REVERSE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Reverse6Key {
+    pub cookie: u64,
+    /// Backend Pod IP, network byte order.
+    pub address: [u8; 16],
+    /// Backend port, host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `LB4_REVERSE`: the frontend (ClusterIP, port) the socket addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceAddr4 {
+    /// ClusterIP, network byte order.
+    pub address: [u8; 4],
+    /// Service port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `LB6_REVERSE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceAddr6 {
+    /// ClusterIP, network byte order.
+    pub address: [u8; 16],
+    /// Service port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `LB4_SOCK_BACKEND`: an unconnected socket sending to a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockFrontend4Key {
+    pub cookie: u64,
+    pub frontend: Frontend4Key,
+}
+
+/// Key of `LB6_SOCK_BACKEND`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockFrontend6Key {
+    pub cookie: u64,
+    pub frontend: Frontend6Key,
+    pub _pad: u32,
+}
+
+/// Value of `LB4_SOCK_BACKEND`: the backend the socket's datagrams to that frontend go to, and
+/// the slot it was picked from. The choice holds while that slot of that service still holds that
+/// backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockBackend4 {
+    pub service_id: u32,
+    pub slot: u32,
+    pub backend: Backend4,
+}
+
+/// Value of `LB6_SOCK_BACKEND`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockBackend6 {
+    pub service_id: u32,
+    pub slot: u32,
+    pub backend: Backend6,
+}
+
+/// Default capacity of each per-socket LRU map (`--socket-map-entries`).
+pub const DEFAULT_SOCKET_MAP_ENTRIES: u32 = 65_536;
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -183,6 +285,14 @@ mod user {
     unsafe impl aya::Pod for Frontend6Key {}
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for Reverse4Key {}
+    unsafe impl aya::Pod for Reverse6Key {}
+    unsafe impl aya::Pod for ServiceAddr4 {}
+    unsafe impl aya::Pod for ServiceAddr6 {}
+    unsafe impl aya::Pod for SockFrontend4Key {}
+    unsafe impl aya::Pod for SockFrontend6Key {}
+    unsafe impl aya::Pod for SockBackend4 {}
+    unsafe impl aya::Pod for SockBackend6 {}
 }
 
 #[cfg(test)]
@@ -227,6 +337,25 @@ mod tests {
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(offset_of!(Backend6, port), 16);
         assert_eq!(offset_of!(Backend6, _pad), 18);
+    }
+
+    #[test]
+    fn per_socket_layouts() {
+        assert_eq!(size_of::<Reverse4Key>(), 16);
+        assert_eq!(offset_of!(Reverse4Key, address), 8);
+        assert_eq!(offset_of!(Reverse4Key, port), 12);
+        assert_eq!(size_of::<Reverse6Key>(), 32);
+        assert_eq!(offset_of!(Reverse6Key, port), 24);
+        assert_eq!(size_of::<ServiceAddr4>(), 8);
+        assert_eq!(size_of::<ServiceAddr6>(), 20);
+        assert_eq!(size_of::<SockFrontend4Key>(), 16);
+        assert_eq!(offset_of!(SockFrontend4Key, frontend), 8);
+        assert_eq!(size_of::<SockFrontend6Key>(), 32);
+        assert_eq!(offset_of!(SockFrontend6Key, _pad), 28);
+        assert_eq!(size_of::<SockBackend4>(), 16);
+        assert_eq!(offset_of!(SockBackend4, backend), 8);
+        assert_eq!(size_of::<SockBackend6>(), 28);
+        assert_eq!(align_of::<SockBackend6>(), 4);
     }
 
     #[test]

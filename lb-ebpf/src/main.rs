@@ -1,103 +1,223 @@
-//! cgroup/connect4: rewrite a connect to a Service ClusterIP:port into one to a backend Pod
-//! IP:targetPort. One map lookup per connect of any socket in the cgroup; the rewrite happens once
-//! per connect, with no per-packet work.
+//! lb's cgroup sock_addr programs: a socket that addresses a Service frontend (ClusterIP:port)
+//! gets one ready backend (Pod IP:targetPort) instead, at the socket layer, so there is no
+//! per-packet NAT:
+//!
+//! - `connect4`/`connect6`: TCP and connected UDP, once per connect;
+//! - `sendmsg4`/`sendmsg6`: unconnected UDP (`sendto`/`sendmsg`), per datagram, with the backend
+//!   kept per socket and frontend;
+//! - `recvmsg4`/`recvmsg6`: replies to a translated datagram show the frontend as their source;
+//! - `getpeername4`/`getpeername6`: a translated socket reports the frontend as its peer.
+//!
+//! A socket that addresses anything else costs one map lookup and is left alone. IPv4 Services
+//! reached through IPv4-mapped addresses (`::ffff:a.b.c.d`) on AF_INET6 sockets are served from
+//! the IPv4 maps. The maps are described in lb-common.
 #![no_std]
 #![no_main]
 
+mod family;
+
 use aya_ebpf::{
-    btf_maps::HashMap,
-    helpers::generated::{bpf_get_prandom_u32, bpf_set_retval},
-    macros::{btf_map, cgroup_sock_addr},
+    helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use lb_common::{
-    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS,
-    MAX_SERVICES, ServiceEntry, ServiceName,
-};
+use lb_common::ServiceEntry;
 
-#[btf_map]
-static LB4_SERVICES: HashMap<Frontend4Key, ServiceEntry, { MAX_SERVICES as usize }> =
-    HashMap::new();
-
-#[btf_map]
-static LB4_BACKENDS: HashMap<BackendSlotKey, Backend4, { MAX_BACKEND_SLOTS as usize }> =
-    HashMap::new();
-
-/// IPv6 frontends: written by the agent and shown by `lb-agent list`; the connect6 program that
-/// will read them is still to come.
-#[btf_map]
-static LB6_SERVICES: HashMap<Frontend6Key, ServiceEntry, { MAX_SERVICES as usize }> =
-    HashMap::new();
-
-#[btf_map]
-static LB6_BACKENDS: HashMap<BackendSlotKey, Backend6, { MAX_BACKEND_SLOTS as usize }> =
-    HashMap::new();
-
-/// Read by `lb-agent list` only; declared here so it is created, typed (BTF) and pinned with the
-/// others.
-#[btf_map]
-static LB_SVC_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }> = HashMap::new();
+use family::{Family, Inet, Inet6, Inet6Addr};
 
 /// cgroup sock_addr verdicts.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
+/// What to do with a socket's destination.
+enum Verdict<F: Family> {
+    /// Not a Service frontend: leave it alone.
+    Untouched,
+    /// A frontend without backends: fail the call with ECONNREFUSED, as kube-proxy's REJECT rule
+    /// does, instead of sending to a ClusterIP nobody owns.
+    Refuse(ServiceEntry),
+    /// Send it here instead.
+    Translate(F::Backend),
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel hands a valid bpf_sock_addr for the duration of the program.
-    let sock_addr = unsafe { &mut *ctx.sock_addr };
-    let frontend = Frontend4Key {
-        address: sock_addr.user_ip4.to_ne_bytes(),
-        // user_port holds the network-order port in its low 16 bits.
-        port: u16::from_be(sock_addr.user_port as u16),
-        protocol: sock_addr.protocol as u8,
-        _pad: 0,
-    };
+    let addr = Inet::read_addr(&ctx);
+    apply(&ctx, connect::<Inet>(&ctx, addr), Inet::write_addr)
+}
 
-    // Copy the entry out at once: the agent may replace it while we run.
-    // SAFETY: read-only access to a value the kernel keeps alive during this program.
-    let Some(service) = (unsafe { LB4_SERVICES.get(&frontend) }).copied() else {
-        return ALLOW; // not a Service frontend: leave the connect alone
-    };
-
-    if service.backend_count == 0 {
-        // kube-proxy REJECTs connections to a Service without endpoints: fail at once with
-        // ECONNREFUSED rather than letting the SYN go to a ClusterIP nobody owns.
-        // SAFETY: plain helper call; setting an errno is allowed in cgroup sock_addr programs.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        debug!(
-            &ctx,
-            "lb: service {} has no backends, refusing connect", service.service_id
-        );
-        return REJECT;
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    match Inet6::read_addr(&ctx) {
+        Inet6Addr::Mapped(addr) => apply(&ctx, connect::<Inet>(&ctx, addr), Inet6::write_mapped),
+        Inet6Addr::V6(addr) => apply(&ctx, connect::<Inet6>(&ctx, addr), Inet6::write_addr),
     }
+}
 
-    // SAFETY: plain helper call.
-    let slot = unsafe { bpf_get_prandom_u32() } % u32::from(service.backend_count);
-    let slot_key = BackendSlotKey {
-        service_id: service.service_id,
-        slot,
-    };
-    // SAFETY: as above.
-    let Some(backend) = (unsafe { LB4_BACKENDS.get(&slot_key) }).copied() else {
-        // Cannot happen while the agent keeps slots 0..count present; leave the connect alone
-        // rather than guess (the client sees the same failure as with no load balancer).
-        debug!(
-            &ctx,
-            "lb: service {} slot {} missing", service.service_id, slot
-        );
-        return ALLOW;
-    };
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let addr = Inet::read_addr(&ctx);
+    apply(&ctx, sendmsg::<Inet>(&ctx, addr), Inet::write_addr)
+}
 
-    sock_addr.user_ip4 = u32::from_ne_bytes(backend.address);
-    sock_addr.user_port = u32::from(backend.port.to_be());
-    debug!(
-        &ctx,
-        "lb: service {} -> slot {} port {}", service.service_id, slot, backend.port
-    );
+/// Datagrams to an IPv4-mapped address are handed to the IPv4 path (and its sendmsg4 hook) by the
+/// kernel; they are handled here as well, which is harmless: a translated destination is a Pod
+/// IP, which no frontend matches.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    match Inet6::read_addr(&ctx) {
+        Inet6Addr::Mapped(addr) => apply(&ctx, sendmsg::<Inet>(&ctx, addr), Inet6::write_mapped),
+        Inet6Addr::V6(addr) => apply(&ctx, sendmsg::<Inet6>(&ctx, addr), Inet6::write_addr),
+    }
+}
+
+/// recvmsg programs may only return 1: they can rewrite the source, never drop.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    show_frontend::<Inet>(&ctx, Inet::read_addr(&ctx), Inet::write_addr);
     ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    show_frontend::<Inet>(&ctx, Inet::read_addr(&ctx), Inet::write_addr);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx);
+    ALLOW
+}
+
+fn reverse6(ctx: &SockAddrContext) {
+    match Inet6::read_addr(ctx) {
+        Inet6Addr::Mapped(addr) => show_frontend::<Inet>(ctx, addr, Inet6::write_mapped),
+        Inet6Addr::V6(addr) => show_frontend::<Inet6>(ctx, addr, Inet6::write_addr),
+    }
+}
+
+/// Picks a backend for a connect and remembers the translation for getpeername and for replies
+/// to a connected UDP socket.
+#[inline(always)]
+fn connect<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) -> Verdict<F> {
+    let frontend = F::frontend(address, port, protocol(ctx));
+    let Some(service) = F::service(&frontend) else {
+        return Verdict::Untouched;
+    };
+    if service.backend_count == 0 {
+        return Verdict::Refuse(service);
+    }
+    let Some((_, backend)) = pick::<F>(ctx, &service) else {
+        return Verdict::Untouched;
+    };
+    F::remember_reverse(cookie(ctx), &backend, address, port);
+    Verdict::Translate(backend)
+}
+
+/// Like [`connect`], for one datagram of an unconnected socket: the socket's earlier datagrams to
+/// this frontend went to a backend, and the next ones go there too while it keeps its slot.
+#[inline(always)]
+fn sendmsg<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) -> Verdict<F> {
+    let frontend = F::frontend(address, port, protocol(ctx));
+    let Some(service) = F::service(&frontend) else {
+        return Verdict::Untouched;
+    };
+    if service.backend_count == 0 {
+        return Verdict::Refuse(service);
+    }
+    let cookie = cookie(ctx);
+    if let Some((slot, backend)) = F::sock_backend(cookie, &frontend)
+        && slot < u32::from(service.backend_count)
+        && F::backend(service.service_id, slot) == Some(backend)
+    {
+        return Verdict::Translate(backend);
+    }
+    let Some((slot, backend)) = pick::<F>(ctx, &service) else {
+        return Verdict::Untouched;
+    };
+    F::remember_sock_backend(cookie, &frontend, service.service_id, slot, &backend);
+    F::remember_reverse(cookie, &backend, address, port);
+    Verdict::Translate(backend)
+}
+
+/// A random slot of the service's (non-empty) backend set, and its backend.
+#[inline(always)]
+fn pick<F: Family>(ctx: &SockAddrContext, service: &ServiceEntry) -> Option<(u32, F::Backend)> {
+    // `max` keeps the verifier and a racing agent from ever dividing by zero.
+    // SAFETY: plain helper call.
+    let slot = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() }
+        % u32::from(service.backend_count).max(1);
+    match F::backend(service.service_id, slot) {
+        Some(backend) => Some((slot, backend)),
+        None => {
+            // Cannot happen while the agent keeps slots 0..count present; leave the socket
+            // alone rather than guess (the client sees what it would without a load balancer).
+            debug!(
+                ctx,
+                "lb: service {} slot {} missing", service.service_id, slot
+            );
+            None
+        }
+    }
+}
+
+/// Rewrites a peer or reply source that is a backend this socket was translated to back into the
+/// frontend the socket addressed.
+#[inline(always)]
+fn show_frontend<F: Family>(
+    ctx: &SockAddrContext,
+    (address, port): (F::Addr, u16),
+    write: fn(&SockAddrContext, F::Addr, u16),
+) {
+    if let Some((frontend, frontend_port)) = F::reverse(cookie(ctx), address, port) {
+        write(ctx, frontend, frontend_port);
+    }
+}
+
+#[inline(always)]
+fn apply<F: Family>(
+    ctx: &SockAddrContext,
+    verdict: Verdict<F>,
+    write: fn(&SockAddrContext, F::Addr, u16),
+) -> i32 {
+    match verdict {
+        Verdict::Untouched => ALLOW,
+        Verdict::Translate(backend) => {
+            let (address, port) = F::backend_addr(&backend);
+            write(ctx, address, port);
+            ALLOW
+        }
+        Verdict::Refuse(service) => {
+            // SAFETY: plain helper call; cgroup sock_addr programs may set the errno.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            debug!(
+                ctx,
+                "lb: service {} has no backends, refusing", service.service_id
+            );
+            REJECT
+        }
+    }
+}
+
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the duration of the program.
+    unsafe { (*ctx.sock_addr).protocol as u8 }
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: sock_addr programs pass their context to bpf_get_socket_cookie.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
 #[cfg(not(test))]

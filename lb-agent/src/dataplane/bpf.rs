@@ -1,9 +1,10 @@
-//! The BPF objects: loading the programs, pinning maps and the cgroup link under the pin
+//! The BPF objects: loading the programs, pinning maps and the cgroup links under the pin
 //! directory, and reading and writing the maps.
 //!
 //! Pins outlive the agent: while it is stopped or restarting, the attached program keeps
-//! rewriting connects with the maps as last written. A new agent reuses the pinned maps (so
-//! nothing is flushed) and swaps in its own program atomically.
+//! translating sockets with the maps as last written. A new agent reuses the pinned maps (so
+//! nothing is flushed, not even the per-socket state of open sockets) and swaps in its own
+//! programs atomically, one hook at a time.
 
 use std::{
     ffi::CString,
@@ -21,9 +22,11 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use lb_common::{
-    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, ServiceEntry, ServiceName,
+    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, Reverse4Key, Reverse6Key,
+    ServiceAddr4, ServiceAddr6, ServiceEntry, ServiceName, SockBackend4, SockBackend6,
+    SockFrontend4Key, SockFrontend6Key,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
     MapStore, Snapshot,
@@ -35,27 +38,56 @@ pub const BACKENDS_MAP: &str = "LB4_BACKENDS";
 pub const SERVICES6_MAP: &str = "LB6_SERVICES";
 pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
 pub const NAMES_MAP: &str = "LB_SVC_NAMES";
-pub const CONNECT4_PROGRAM: &str = "lb_connect4";
-/// Pin of the cgroup link that keeps `lb_connect4` attached.
-pub const CONNECT4_LINK: &str = "connect4_link";
-
-/// Where a new link is pinned before it replaces [`CONNECT4_LINK`] (bpffs allows no dots in
-/// names).
-const STAGING_LINK: &str = "connect4_link_new";
-
-/// Every pin lb makes, in the order `reset` removes them (link first: detaching stops the
-/// rewriting before the maps go away).
-const PINS: [&str; 7] = [
-    CONNECT4_LINK,
-    STAGING_LINK,
-    SERVICES_MAP,
-    BACKENDS_MAP,
-    SERVICES6_MAP,
-    BACKENDS6_MAP,
-    NAMES_MAP,
+/// The per-socket LRU maps the programs write themselves (see lb-common).
+pub const SOCKET_MAPS: [&str; 4] = [
+    "LB4_REVERSE",
+    "LB6_REVERSE",
+    "LB4_SOCK_BACKEND",
+    "LB6_SOCK_BACKEND",
 ];
 
-/// The maps, each pinned under its own name.
+/// The programs, each attached to the cgroup through a link pinned as `<hook>_link`.
+pub const PROGRAMS: [Program; 8] = [
+    // TCP and connected UDP.
+    Program::new("lb_connect4", "connect4"),
+    Program::new("lb_connect6", "connect6"),
+    // Unconnected UDP, and the source its replies show.
+    Program::new("lb_sendmsg4", "sendmsg4"),
+    Program::new("lb_sendmsg6", "sendmsg6"),
+    Program::new("lb_recvmsg4", "recvmsg4"),
+    Program::new("lb_recvmsg6", "recvmsg6"),
+    // The peer a translated socket reports.
+    Program::new("lb_getpeername4", "getpeername4"),
+    Program::new("lb_getpeername6", "getpeername6"),
+];
+
+/// One cgroup sock_addr program of lb-ebpf.
+#[derive(Clone, Copy, Debug)]
+pub struct Program {
+    /// Function name in the eBPF object.
+    pub name: &'static str,
+    /// The cgroup hook (`bpftool cgroup show` says `cgroup_inet4_connect` and so on).
+    pub hook: &'static str,
+}
+
+impl Program {
+    const fn new(name: &'static str, hook: &'static str) -> Self {
+        Self { name, hook }
+    }
+
+    /// Pin of the link that keeps the program attached.
+    pub fn link_pin(&self) -> String {
+        format!("{}_link", self.hook)
+    }
+
+    /// Where a new link is pinned before it replaces [`link_pin`](Self::link_pin) (bpffs allows
+    /// no dots in names).
+    fn staging_pin(&self) -> String {
+        format!("{}_link_new", self.hook)
+    }
+}
+
+/// The maps the agent writes, each pinned under its own name.
 const MAPS: [&str; 5] = [
     SERVICES_MAP,
     BACKENDS_MAP,
@@ -63,6 +95,16 @@ const MAPS: [&str; 5] = [
     BACKENDS6_MAP,
     NAMES_MAP,
 ];
+
+/// Every pin lb makes, in the order `reset` removes them (links first: detaching stops the
+/// rewriting before the maps go away).
+fn pins() -> Vec<String> {
+    let links = PROGRAMS
+        .iter()
+        .flat_map(|p| [p.link_pin(), p.staging_pin()]);
+    let maps = MAPS.iter().chain(&SOCKET_MAPS).map(|m| m.to_string());
+    links.chain(maps).collect()
+}
 
 /// The eBPF object, built from lb-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -196,29 +238,42 @@ pub struct Loaded {
 }
 
 /// Loads the programs with the maps pinned under `pin_dir` (reusing them when an earlier agent
-/// left them) and attaches `lb_connect4` to `cgroup`, replacing the program an earlier agent left
-/// attached there without a moment in which connects go un-rewritten.
+/// left them) and attaches every program of [`PROGRAMS`] to `cgroup`, replacing the programs an
+/// earlier agent left attached there without a moment in which sockets go untranslated.
+/// `socket_map_entries` sizes each per-socket LRU map.
 pub fn load_and_attach(
     pin_dir: &Path,
     cgroup: &Path,
     log_level: aya_log::Level,
+    socket_map_entries: u32,
 ) -> anyhow::Result<Loaded> {
     if EBPF_OBJECT.is_empty() {
         bail!(
             "this lb-agent was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it with `xtask/run build`"
         );
     }
+    if socket_map_entries == 0 {
+        bail!("--socket-map-entries must be at least 1");
+    }
     ensure_bpffs(pin_dir)?;
     fs::create_dir_all(pin_dir)
         .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
     check_pinned_layouts(pin_dir)?;
+    resize_socket_maps(pin_dir, socket_map_entries)?;
 
     let pin = |name: &str| pin_dir.join(name);
-    let map_pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|name| (*name, pin(name))).collect();
+    let map_pins: Vec<(&str, PathBuf)> = MAPS
+        .iter()
+        .chain(&SOCKET_MAPS)
+        .map(|name| (*name, pin(name)))
+        .collect();
     let level = log_level as u8;
     let mut loader = EbpfLoader::new();
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
+    }
+    for name in SOCKET_MAPS {
+        loader.map_max_entries(name, socket_map_entries);
     }
     let mut ebpf = loader
         .override_global(aya_log::LEVEL, &level, true)
@@ -226,32 +281,56 @@ pub fn load_and_attach(
         .context("loading the eBPF programs (is this a kernel with BTF, and are we root?)")?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
 
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(CONNECT4_PROGRAM)
-        .context("the eBPF object has no lb_connect4 program")?
-        .try_into()?;
-    program
-        .load()
-        .context("loading lb_connect4 into the kernel")?;
     let cgroup_dir = fs::File::open(cgroup).with_context(|| {
         format!(
             "opening cgroup {}; pass --cgroup with a cgroup v2 directory",
             cgroup.display()
         )
     })?;
+    for program in PROGRAMS {
+        attach(&mut ebpf, &program, &cgroup_dir, pin_dir).with_context(|| {
+            format!(
+                "attaching {} ({}, needs Linux >= 5.19) to cgroup {}",
+                program.name,
+                program.hook,
+                cgroup.display()
+            )
+        })?;
+    }
+    info!(
+        cgroup = %cgroup.display(),
+        pins = %pin_dir.display(),
+        programs = PROGRAMS.len(),
+        "programs attached: connect, sendmsg, recvmsg and getpeername, IPv4 and IPv6"
+    );
+
+    let maps = BpfMaps::take(&mut ebpf)?;
+    Ok(Loaded { maps, logger })
+}
+
+/// Loads `program` and attaches it to the cgroup, swapping out the link an earlier agent pinned.
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &Program,
+    cgroup_dir: &fs::File,
+    pin_dir: &Path,
+) -> anyhow::Result<()> {
+    let loaded: &mut CgroupSockAddr = ebpf
+        .program_mut(program.name)
+        .with_context(|| format!("the eBPF object has no {} program", program.name))?
+        .try_into()?;
+    loaded.load().context("loading it into the kernel")?;
     // A cgroup BPF link takes no attach flags and always runs alongside other programs (including
     // our previous one, until it is replaced below).
-    let link_id = program
-        .attach(&cgroup_dir, CgroupAttachMode::Single)
-        .with_context(|| format!("attaching lb_connect4 to cgroup {}", cgroup.display()))?;
-    let link = FdLink::try_from(program.take_link(link_id)?)
-        .context("the kernel attached lb_connect4 without a BPF link (needs Linux >= 5.7)")?;
+    let link_id = loaded.attach(cgroup_dir, CgroupAttachMode::Single)?;
+    let link = FdLink::try_from(loaded.take_link(link_id)?)
+        .context("the kernel attached it without a BPF link (needs Linux >= 5.7)")?;
 
     // Pin under a temporary name, then rename over the old pin: the old link's last reference
-    // goes and it detaches only after ours is attached (two identical programs in a row are
-    // harmless: the second sees an already rewritten address).
-    let link_pin = pin(CONNECT4_LINK);
-    let staging = pin(STAGING_LINK);
+    // goes and it detaches only after ours is attached. Two identical programs in a row are
+    // harmless: the second sees an already translated address, which is no frontend.
+    let link_pin = pin_dir.join(program.link_pin());
+    let staging = pin_dir.join(program.staging_pin());
     let _ = fs::remove_file(&staging);
     let pinned = link
         .pin(&staging)
@@ -259,27 +338,22 @@ pub fn load_and_attach(
     fs::rename(&staging, &link_pin)
         .with_context(|| format!("replacing the pinned link {}", link_pin.display()))?;
     drop(pinned); // the pin keeps the link, and so the program, alive
-    info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "connect4 program attached");
-
-    let maps = BpfMaps::take(&mut ebpf)?;
-    Ok(Loaded { maps, logger })
+    Ok(())
 }
 
 /// Refuses maps pinned by an agent with another map layout: reusing them would misread every
 /// entry.
 fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
     let expected = [
-        (
-            SERVICES_MAP,
-            size_of::<Frontend4Key>(),
-            size_of::<ServiceEntry>(),
-        ),
-        (
-            BACKENDS_MAP,
-            size_of::<BackendSlotKey>(),
-            size_of::<Backend4>(),
-        ),
+        (SERVICES_MAP, size_of::<Frontend4Key>(), size_of::<ServiceEntry>()),
+        (BACKENDS_MAP, size_of::<BackendSlotKey>(), size_of::<Backend4>()),
+        (SERVICES6_MAP, size_of::<Frontend6Key>(), size_of::<ServiceEntry>()),
+        (BACKENDS6_MAP, size_of::<BackendSlotKey>(), size_of::<Backend6>()),
         (NAMES_MAP, size_of::<u32>(), size_of::<ServiceName>()),
+        (SOCKET_MAPS[0], size_of::<Reverse4Key>(), size_of::<ServiceAddr4>()),
+        (SOCKET_MAPS[1], size_of::<Reverse6Key>(), size_of::<ServiceAddr6>()),
+        (SOCKET_MAPS[2], size_of::<SockFrontend4Key>(), size_of::<SockBackend4>()),
+        (SOCKET_MAPS[3], size_of::<SockFrontend6Key>(), size_of::<SockBackend6>()),
     ];
     for (name, key_size, value_size) in expected {
         let path = pin_dir.join(name);
@@ -303,11 +377,37 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes every pin lb made under `pin_dir`: detaches the program and frees the maps. Returns
+/// A pinned per-socket map of another size than asked is unpinned, so the load creates one of the
+/// new size. The programs still attached keep the old map until their links are swapped; what is
+/// lost is only the per-socket state of sockets open across the restart (a reply in flight shows
+/// its Pod IP, a UDP socket may pick another backend).
+fn resize_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
+    for name in SOCKET_MAPS {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        if info.max_entries() != entries {
+            warn!(
+                map = name,
+                pinned = info.max_entries(),
+                wanted = entries,
+                "--socket-map-entries changed: replacing the map (per-socket state of open \
+                 sockets is lost once)"
+            );
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes every pin lb made under `pin_dir`: detaches the programs and frees the maps. Returns
 /// what was removed.
 pub fn reset(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for name in PINS {
+    for name in pins() {
         let path = pin_dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => removed.push(path),

@@ -107,9 +107,6 @@ pub struct ApplyReport {
     pub removed: usize,
     /// Frontends left as they were, and why.
     pub failed: Vec<(Frontend, String)>,
-    /// IPv6 frontends among those wanted: in the maps and in `lb-agent list`, not yet served (no
-    /// connect6 program).
-    pub ipv6: usize,
 }
 
 impl ApplyReport {
@@ -215,10 +212,6 @@ impl<S: MapStore> Dataplane<S> {
         for (frontend, state) in frontends {
             let key = frontend_key(frontend);
             let Some(state) = state else { continue };
-            if key.family() == Family::V6 {
-                debug!(%frontend, "IPv6 frontend in LB6 maps; not served until connect6 lands");
-                report.ipv6 += 1;
-            }
             // The model pairs a frontend only with backends of its family.
             let backends: BTreeSet<BackendAddr> = state
                 .backends

@@ -1,0 +1,372 @@
+//! The maps, and the two address families the programs serve through one [`Family`] interface,
+//! so each program's logic is written once.
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    btf_maps::{HashMap, LruHashMap},
+    macros::btf_map,
+    programs::SockAddrContext,
+};
+use lb_common::{
+    Backend4, Backend6, BackendSlotKey, DEFAULT_SOCKET_MAP_ENTRIES, Frontend4Key, Frontend6Key,
+    MAX_BACKEND_SLOTS, MAX_SERVICES, Reverse4Key, Reverse6Key, ServiceAddr4, ServiceAddr6,
+    ServiceEntry, ServiceName, SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key,
+};
+
+const SOCKET_MAP_ENTRIES: usize = DEFAULT_SOCKET_MAP_ENTRIES as usize;
+
+#[btf_map]
+static LB4_SERVICES: HashMap<Frontend4Key, ServiceEntry, { MAX_SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+static LB4_BACKENDS: HashMap<BackendSlotKey, Backend4, { MAX_BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+#[btf_map]
+static LB6_SERVICES: HashMap<Frontend6Key, ServiceEntry, { MAX_SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+static LB6_BACKENDS: HashMap<BackendSlotKey, Backend6, { MAX_BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+/// Read by `lb-agent list` only; declared here so it is created, typed (BTF) and pinned with the
+/// others.
+#[btf_map]
+static LB_SVC_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }> = HashMap::new();
+
+// The per-socket maps: LRU, so they can never fill up (the agent sizes them at load time).
+#[btf_map]
+static LB4_REVERSE: LruHashMap<Reverse4Key, ServiceAddr4, SOCKET_MAP_ENTRIES> = LruHashMap::new();
+
+#[btf_map]
+static LB6_REVERSE: LruHashMap<Reverse6Key, ServiceAddr6, SOCKET_MAP_ENTRIES> = LruHashMap::new();
+
+#[btf_map]
+static LB4_SOCK_BACKEND: LruHashMap<SockFrontend4Key, SockBackend4, SOCKET_MAP_ENTRIES> =
+    LruHashMap::new();
+
+#[btf_map]
+static LB6_SOCK_BACKEND: LruHashMap<SockFrontend6Key, SockBackend6, SOCKET_MAP_ENTRIES> =
+    LruHashMap::new();
+
+/// An address family's maps and address format. Addresses are network-order bytes, ports host
+/// order, as in the maps.
+pub trait Family {
+    type Addr: Copy;
+    type Frontend;
+    type Backend: Copy + PartialEq;
+
+    fn frontend(address: Self::Addr, port: u16, protocol: u8) -> Self::Frontend;
+    /// The frontend's entry, copied out at once: the agent may replace it while we run.
+    fn service(frontend: &Self::Frontend) -> Option<ServiceEntry>;
+    fn backend(service_id: u32, slot: u32) -> Option<Self::Backend>;
+    fn backend_addr(backend: &Self::Backend) -> (Self::Addr, u16);
+
+    /// The slot and backend this socket's datagrams to `frontend` went to.
+    fn sock_backend(cookie: u64, frontend: &Self::Frontend) -> Option<(u32, Self::Backend)>;
+    fn remember_sock_backend(
+        cookie: u64,
+        frontend: &Self::Frontend,
+        service_id: u32,
+        slot: u32,
+        backend: &Self::Backend,
+    );
+
+    /// Records that this socket's `backend` stands for the frontend `address:port`.
+    fn remember_reverse(cookie: u64, backend: &Self::Backend, address: Self::Addr, port: u16);
+    /// The frontend this socket's `address:port` stands for, if it is a backend it was
+    /// translated to.
+    fn reverse(cookie: u64, address: Self::Addr, port: u16) -> Option<(Self::Addr, u16)>;
+}
+
+pub struct Inet;
+pub struct Inet6;
+
+// Failed updates of the LRU maps are ignored: they only fail for lack of memory, and then the
+// socket still reaches its backend (only the reply source or the stickiness is lost).
+
+impl Family for Inet {
+    type Addr = [u8; 4];
+    type Frontend = Frontend4Key;
+    type Backend = Backend4;
+
+    #[inline(always)]
+    fn frontend(address: [u8; 4], port: u16, protocol: u8) -> Frontend4Key {
+        Frontend4Key {
+            address,
+            port,
+            protocol,
+            _pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn service(frontend: &Frontend4Key) -> Option<ServiceEntry> {
+        // SAFETY: read-only access to a value the kernel keeps alive during this program.
+        unsafe { LB4_SERVICES.get(frontend) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(service_id: u32, slot: u32) -> Option<Backend4> {
+        let key = BackendSlotKey { service_id, slot };
+        // SAFETY: as above.
+        unsafe { LB4_BACKENDS.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend_addr(backend: &Backend4) -> ([u8; 4], u16) {
+        (backend.address, backend.port)
+    }
+
+    #[inline(always)]
+    fn sock_backend(cookie: u64, frontend: &Frontend4Key) -> Option<(u32, Backend4)> {
+        let key = SockFrontend4Key {
+            cookie,
+            frontend: *frontend,
+        };
+        // SAFETY: as above.
+        unsafe { LB4_SOCK_BACKEND.get(&key) }.map(|v| (v.slot, v.backend))
+    }
+
+    #[inline(always)]
+    fn remember_sock_backend(
+        cookie: u64,
+        frontend: &Frontend4Key,
+        service_id: u32,
+        slot: u32,
+        backend: &Backend4,
+    ) {
+        let key = SockFrontend4Key {
+            cookie,
+            frontend: *frontend,
+        };
+        let value = SockBackend4 {
+            service_id,
+            slot,
+            backend: *backend,
+        };
+        let _ = LB4_SOCK_BACKEND.insert(&key, &value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn remember_reverse(cookie: u64, backend: &Backend4, address: [u8; 4], port: u16) {
+        let key = Reverse4Key {
+            cookie,
+            address: backend.address,
+            port: backend.port,
+            _pad: 0,
+        };
+        let value = ServiceAddr4 {
+            address,
+            port,
+            _pad: 0,
+        };
+        let _ = LB4_REVERSE.insert(&key, &value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn reverse(cookie: u64, address: [u8; 4], port: u16) -> Option<([u8; 4], u16)> {
+        let key = Reverse4Key {
+            cookie,
+            address,
+            port,
+            _pad: 0,
+        };
+        // SAFETY: as above.
+        unsafe { LB4_REVERSE.get(&key) }.map(|v| (v.address, v.port))
+    }
+}
+
+impl Inet {
+    #[inline(always)]
+    pub fn read_addr(ctx: &SockAddrContext) -> ([u8; 4], u16) {
+        // SAFETY: the kernel hands a valid bpf_sock_addr for the duration of the program.
+        let sa = unsafe { &*ctx.sock_addr };
+        (sa.user_ip4.to_ne_bytes(), read_port(sa.user_port))
+    }
+
+    #[inline(always)]
+    pub fn write_addr(ctx: &SockAddrContext, address: [u8; 4], port: u16) {
+        // SAFETY: as above; user_ip4 and user_port are writable in these hooks.
+        unsafe {
+            let sa = ctx.sock_addr;
+            (*sa).user_ip4 = u32::from_ne_bytes(address);
+            (*sa).user_port = write_port(port);
+        }
+    }
+}
+
+impl Family for Inet6 {
+    type Addr = [u8; 16];
+    type Frontend = Frontend6Key;
+    type Backend = Backend6;
+
+    #[inline(always)]
+    fn frontend(address: [u8; 16], port: u16, protocol: u8) -> Frontend6Key {
+        Frontend6Key {
+            address,
+            port,
+            protocol,
+            _pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn service(frontend: &Frontend6Key) -> Option<ServiceEntry> {
+        // SAFETY: read-only access to a value the kernel keeps alive during this program.
+        unsafe { LB6_SERVICES.get(frontend) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(service_id: u32, slot: u32) -> Option<Backend6> {
+        let key = BackendSlotKey { service_id, slot };
+        // SAFETY: as above.
+        unsafe { LB6_BACKENDS.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend_addr(backend: &Backend6) -> ([u8; 16], u16) {
+        (backend.address, backend.port)
+    }
+
+    #[inline(always)]
+    fn sock_backend(cookie: u64, frontend: &Frontend6Key) -> Option<(u32, Backend6)> {
+        let key = SockFrontend6Key {
+            cookie,
+            frontend: *frontend,
+            _pad: 0,
+        };
+        // SAFETY: as above.
+        unsafe { LB6_SOCK_BACKEND.get(&key) }.map(|v| (v.slot, v.backend))
+    }
+
+    #[inline(always)]
+    fn remember_sock_backend(
+        cookie: u64,
+        frontend: &Frontend6Key,
+        service_id: u32,
+        slot: u32,
+        backend: &Backend6,
+    ) {
+        let key = SockFrontend6Key {
+            cookie,
+            frontend: *frontend,
+            _pad: 0,
+        };
+        let value = SockBackend6 {
+            service_id,
+            slot,
+            backend: *backend,
+        };
+        let _ = LB6_SOCK_BACKEND.insert(&key, &value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn remember_reverse(cookie: u64, backend: &Backend6, address: [u8; 16], port: u16) {
+        let key = Reverse6Key {
+            cookie,
+            address: backend.address,
+            port: backend.port,
+            _pad: [0; 6],
+        };
+        let value = ServiceAddr6 {
+            address,
+            port,
+            _pad: 0,
+        };
+        let _ = LB6_REVERSE.insert(&key, &value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn reverse(cookie: u64, address: [u8; 16], port: u16) -> Option<([u8; 16], u16)> {
+        let key = Reverse6Key {
+            cookie,
+            address,
+            port,
+            _pad: [0; 6],
+        };
+        // SAFETY: as above.
+        unsafe { LB6_REVERSE.get(&key) }.map(|v| (v.address, v.port))
+    }
+}
+
+/// An AF_INET6 socket's address: IPv6, or IPv4-mapped (`::ffff:a.b.c.d`), which the IPv4 maps
+/// serve.
+pub enum Inet6Addr {
+    V6(([u8; 16], u16)),
+    Mapped(([u8; 4], u16)),
+}
+
+/// `::ffff:0:0/96`, the third word in network order.
+const MAPPED_PREFIX_WORD: u32 = 0x0000_ffff;
+
+impl Inet6 {
+    #[inline(always)]
+    pub fn read_addr(ctx: &SockAddrContext) -> Inet6Addr {
+        // SAFETY: the kernel hands a valid bpf_sock_addr for the duration of the program.
+        let sa = unsafe { &*ctx.sock_addr };
+        // One 4-byte load per word: the context allows no other access size here.
+        let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let port = read_port(sa.user_port);
+        if words[0] == 0 && words[1] == 0 && u32::from_be(words[2]) == MAPPED_PREFIX_WORD {
+            return Inet6Addr::Mapped((words[3].to_ne_bytes(), port));
+        }
+        let mut address = [0u8; 16];
+        for (i, word) in words.iter().enumerate() {
+            address[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        Inet6Addr::V6((address, port))
+    }
+
+    #[inline(always)]
+    pub fn write_addr(ctx: &SockAddrContext, address: [u8; 16], port: u16) {
+        let word = |i: usize| {
+            u32::from_ne_bytes([
+                address[i * 4],
+                address[i * 4 + 1],
+                address[i * 4 + 2],
+                address[i * 4 + 3],
+            ])
+        };
+        write_words(ctx, [word(0), word(1), word(2), word(3)], port);
+    }
+
+    /// Writes an IPv4 address as `::ffff:a.b.c.d`, for an AF_INET6 socket.
+    #[inline(always)]
+    pub fn write_mapped(ctx: &SockAddrContext, address: [u8; 4], port: u16) {
+        let words = [
+            0,
+            0,
+            MAPPED_PREFIX_WORD.to_be(),
+            u32::from_ne_bytes(address),
+        ];
+        write_words(ctx, words, port);
+    }
+}
+
+#[inline(always)]
+fn write_words(ctx: &SockAddrContext, words: [u32; 4], port: u16) {
+    // SAFETY: the context is valid for the program's duration; user_ip6 and user_port are
+    // writable in these hooks. Volatile keeps LLVM from merging the 4-byte stores into wider
+    // ones, which the verifier may refuse.
+    unsafe {
+        let sa = ctx.sock_addr;
+        for (i, word) in words.iter().enumerate() {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], *word);
+        }
+        (*sa).user_port = write_port(port);
+    }
+}
+
+/// `user_port` holds the network-order port in its low 16 bits.
+#[inline(always)]
+fn read_port(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+#[inline(always)]
+fn write_port(port: u16) -> u32 {
+    u32::from(port.to_be())
+}
