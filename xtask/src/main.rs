@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use xtask::testbed::probe;
+use xtask::testbed::{exec, probe};
 
 #[derive(Parser)]
 #[command(about = "lb's build, demo and test tasks (start with xtask/run on a new machine)")]
@@ -50,6 +50,9 @@ enum Task {
     /// (testbed) connect to an address from a namespace and report who answered.
     #[command(hide = true)]
     Probe(probe::ProbeArgs),
+    /// (testbed) run a program in a namespace and cgroup, with the testbed's resolv.conf.
+    #[command(hide = true)]
+    Exec(exec::ExecArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
             bench::run(&bin, if quick { bench::QUICK } else { bench::FULL }, scales)
         }),
         Task::Probe(args) => probe::run(&args),
+        Task::Exec(args) => exec::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,11 +108,19 @@ fn setup() -> anyhow::Result<()> {
         );
     }
     xtask::testbed::cgroup2_root()?;
-    for tool in ["ip", "bpftool", "bpf-linker", "iptables-restore"] {
-        let found = std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
-            .unwrap_or(false);
-        if !found {
+    // dnsmasq, musl-gcc, busybox and dig: the DNS pod and the resolver clients of the tests.
+    let tools = [
+        "ip",
+        "bpftool",
+        "bpf-linker",
+        "iptables-restore",
+        "dnsmasq",
+        "musl-gcc",
+        "busybox",
+        "dig",
+    ];
+    for tool in tools {
+        if xtask::testbed::find_tool(tool).is_none() {
             bail!("{tool} not found on PATH: run `xtask/run setup`, which installs it");
         }
     }

@@ -4,20 +4,32 @@
 //! directory, and lb-agent running on them.
 //!
 //! Network safety: traffic only ever goes between namespaces made here. The client namespace has
-//! no default route, only the pods' subnet, and an `unreachable` route for the Service CIDR, so a
+//! no default route, only the pods' subnets, and `unreachable` routes for the Service CIDRs, so a
 //! connect to a ClusterIP that lb did not rewrite fails locally. Nothing host-wide is touched; all
 //! names are `lbt<pid>-<n>...` and removed on every exit path (see [`cleanup`]).
+//!
+//! Addresses: every namespace on the bridge has an IPv4 address in 10.244.1.0/24 and the IPv6
+//! address with the same last byte in fd00:244:1::/64 ([`ip6_of`]): pods 10.244.1.N and
+//! fd00:244:1::N, the client .254 and ::fe. Service CIDRs: 10.96.0.0/12 and fd00:96::/112.
+//!
+//! Real programs (glibc's and musl's resolvers, busybox, dig) run as clients through
+//! [`Testbed::client_command`], and a DNS pod running dnsmasq answers their queries
+//! ([`Testbed::add_dns_pod`]).
 
 pub mod agent;
 pub mod cleanup;
+pub mod clients;
+pub mod dns;
+pub mod exec;
 pub mod fake_api;
 pub mod netns;
 pub mod pod;
 pub mod probe;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
+    process::Output,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -26,29 +38,44 @@ use anyhow::{Context as _, bail};
 
 use agent::Agent;
 use cleanup::{Guard, Undo};
+use dns::DnsServer;
+pub use exec::Resolv;
 use netns::Netns;
 use pod::PodServer;
 use probe::{Attempt, ProbeArgs};
 
 /// The Service CIDR, made unreachable in the client namespace.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The IPv6 Service CIDR, made unreachable in the client namespace too.
+pub const SERVICE_CIDR6: &str = "fd00:96::/112";
 /// The pods' subnet and the client's address on it.
 pub const POD_PREFIX_LEN: u8 = 24;
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 254);
+/// The pods' IPv6 subnet (fd00:244:1::/64) and the client's address on it.
+pub const POD_PREFIX_LEN6: u8 = 64;
+pub const CLIENT_IP6: Ipv6Addr = ip6_of(CLIENT_IP);
 
-/// How a client namespace routes the Service CIDR; either way nothing sent there leaves it.
+/// The IPv6 address that goes with a namespace's IPv4 address on the bridge: the same last byte
+/// in fd00:244:1::/64 (10.244.1.7 → fd00:244:1::7, 10.244.1.254 → fd00:244:1::fe).
+pub const fn ip6_of(ip: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, ip.octets()[3] as u16)
+}
+
+/// How a client namespace routes the Service CIDRs (IPv4 and IPv6); either way nothing sent there
+/// leaves it.
 #[derive(Clone, Copy, Debug)]
 pub enum ServiceRoute {
-    /// `unreachable`: a connect lb did not rewrite fails at once (the default).
+    /// `unreachable`: a connect lb did not rewrite fails at once with EHOSTUNREACH (the default).
     Unreachable,
     /// Into the namespace's own loopback, where a packet for an address that is not local is
-    /// dropped (the namespace does not forward). For iptables DNAT in OUTPUT: the kernel routes a
-    /// local connect before netfilter sees it, so an unreachable route would refuse it before the
-    /// DNAT rule could apply; a DNATed packet is routed again, to its pod.
+    /// dropped (the namespace does not forward, for IPv4 nor IPv6). For iptables DNAT in OUTPUT:
+    /// the kernel routes a local connect before netfilter sees it, so an unreachable route would
+    /// refuse it before the DNAT rule could apply; a DNATed packet is routed again, to its pod.
     Discard,
 }
 
-/// A pod: its name (what it answers), address and listening ports.
+/// A pod: its name (what it answers), address and listening ports. It also has the IPv6 address
+/// [`PodSpec::ip6`], and its servers answer on both.
 #[derive(Clone, Debug)]
 pub struct PodSpec {
     pub name: String,
@@ -72,6 +99,23 @@ impl PodSpec {
             })
             .collect()
     }
+
+    /// The pod's IPv6 address (fd00:244:1::N for 10.244.1.N; see [`ip6_of`]).
+    ///
+    /// Derived rather than a field, so the existing `PodSpec { .. }` literals stay valid.
+    pub fn ip6(&self) -> Ipv6Addr {
+        ip6_of(self.ip)
+    }
+}
+
+/// Finds a program on PATH, or in the sbin directories a non-login PATH may lack (dnsmasq and
+/// bpftool live in /usr/sbin on Debian).
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
 }
 
 pub struct Testbed {
@@ -81,9 +125,12 @@ pub struct Testbed {
     echo_agent: Option<&'static str>,
     /// Where the agent gets Services from: the manifest directory, or an API server.
     kubeconfig: Option<(PathBuf, Option<String>)>,
-    // Dropped in this order: agent, pods, clients, switch, cgroup, BPF mount, directory.
+    // Dropped in this order: agent, pods, DNS pods, their cgroup, clients, switch, cgroup, BPF
+    // mount, directory.
     agent: Option<Agent>,
     pods: Vec<(PodSpec, PodServer, Netns)>,
+    dns_pods: Vec<DnsPod>,
+    dns_cgroup: Option<(PathBuf, Guard)>,
     client: Netns,
     extra_clients: Vec<Netns>,
     switch: Netns,
@@ -92,24 +139,28 @@ pub struct Testbed {
     pin_dir: PathBuf,
     _bpffs: Guard,
     manifests: PathBuf,
+    dir: PathBuf,
     _dir: Guard,
+}
+
+/// A DNS pod's parts, dropped in this order: dnsmasq, other servers, namespace.
+struct DnsPod {
+    spec: PodSpec,
+    dns: DnsServer,
+    _servers: Option<PodServer>,
+    _ns: Netns,
 }
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 impl Testbed {
     /// Builds the namespaces, cgroup and mounts; starts the pods' servers. `probe_bin` is an
-    /// executable with the `probe` subcommand (xtask).
+    /// executable with the `probe` and `exec` subcommands (xtask). `agent_bin` need only exist
+    /// once the agent is started.
     pub fn new(agent_bin: &Path, probe_bin: &Path, pods: &[PodSpec]) -> anyhow::Result<Self> {
         if unsafe { libc::geteuid() } != 0 {
             bail!(
                 "the testbed needs root (network namespaces, cgroups, BPF): run `xtask/run test` as root"
-            );
-        }
-        if !agent_bin.exists() {
-            bail!(
-                "{} not found: build it first (`cargo build -p lb-agent`; `xtask/run test` does)",
-                agent_bin.display()
             );
         }
         let cgroup_root = cgroup2_root()?;
@@ -126,6 +177,13 @@ impl Testbed {
         let dir_guard = cleanup::register(Undo::RemoveDir(dir.clone()));
         let manifests = dir.join("manifests");
         std::fs::create_dir_all(&manifests)?;
+        // What client programs see instead of the host's /etc files (with their resolv.conf):
+        // DNS only from the testbed's servers, no nscd, no systemd-resolved.
+        std::fs::write(
+            dir.join("nsswitch.conf"),
+            "passwd: files\ngroup: files\nhosts: files dns\n",
+        )?;
+        std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
 
         // A private BPF filesystem: the agent's pins live and die with this testbed.
         let bpffs = dir.join("bpf");
@@ -143,7 +201,7 @@ impl Testbed {
         switch.ip(&["link", "set", "br0", "up"])?;
         let client = Netns::create(&format!("{id}-c"))?;
         attach(&switch, &client, "vc0", CLIENT_IP)?;
-        client.ip(&["route", "add", "unreachable", SERVICE_CIDR])?;
+        route_services(&client, ServiceRoute::Unreachable)?;
 
         let mut testbed = Self {
             id,
@@ -153,6 +211,8 @@ impl Testbed {
             kubeconfig: None,
             agent: None,
             pods: Vec::new(),
+            dns_pods: Vec::new(),
+            dns_cgroup: None,
             client,
             extra_clients: Vec::new(),
             switch,
@@ -161,6 +221,7 @@ impl Testbed {
             pin_dir: bpffs.join("lb"),
             _bpffs: bpffs_guard,
             manifests,
+            dir,
             _dir: dir_guard,
         };
         for pod in pods {
@@ -189,7 +250,76 @@ impl Testbed {
         Ok(())
     }
 
-    /// Another client namespace (`{id}-{suffix}`) at `ip`; returns its name.
+    /// A DNS pod: dnsmasq in its own pod namespace at `spec.ip` and `spec.ip6()`, answering
+    /// `records` (name → address: an A record for IPv4, AAAA for IPv6; a name may have both) on
+    /// UDP and TCP port 53, and NXDOMAIN for other names under cluster.local. It never forwards.
+    /// The ports in `spec` are served as by any pod. Returns once dnsmasq answers from the
+    /// client namespace on both addresses.
+    ///
+    /// Names are used as written: give them fully qualified (`web.demo.svc.cluster.local`) and
+    /// let the client's search list ([`Resolv::pod`]) expand short ones.
+    pub fn add_dns_pod(
+        &mut self,
+        spec: &PodSpec,
+        records: &[(&str, IpAddr)],
+    ) -> anyhow::Result<()> {
+        let index = self.dns_pods.len() + 1;
+        let ns = Netns::create(&format!("{}-d{index}", self.id))?;
+        attach(&self.switch, &ns, &format!("vd{index}"), spec.ip)?;
+        let servers =
+            if spec.tcp_ports.is_empty() && spec.udp_ports.is_empty() && spec.echo_ports.is_empty()
+            {
+                None
+            } else {
+                Some(PodServer::start(
+                    ns.name(),
+                    &spec.name,
+                    &spec.tcp_ports,
+                    &spec.udp_ports,
+                    &spec.echo_ports,
+                )?)
+            };
+        let cgroup = match &self.dns_cgroup {
+            Some((cgroup, _)) => cgroup.clone(),
+            None => {
+                // Not the client cgroup: lb must not see dnsmasq's own sockets.
+                let cgroup = self.cgroup.with_file_name(format!("{}-dns", self.id));
+                std::fs::create_dir(&cgroup)
+                    .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+                let guard = cleanup::register(Undo::Cgroup(cgroup.clone()));
+                self.dns_cgroup.insert((cgroup, guard)).0.clone()
+            }
+        };
+        let place = dns::DnsPlace {
+            netns: ns.name(),
+            cgroup: &cgroup,
+            addrs: &[spec.ip.into(), spec.ip6().into()],
+            dir: &self.dir,
+            check_from: self.client.name(),
+        };
+        let dns = DnsServer::start(&self.probe_bin, &format!("dns-{index}"), &place, records)?;
+        self.dns_pods.push(DnsPod {
+            spec: spec.clone(),
+            dns,
+            _servers: servers,
+            _ns: ns,
+        });
+        Ok(())
+    }
+
+    /// The query log of the DNS pod named `name` (dnsmasq's `--log-queries`), for test failures.
+    pub fn dns_log(&self, name: &str) -> anyhow::Result<String> {
+        let pod = self
+            .dns_pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .with_context(|| format!("no DNS pod named {name}"))?;
+        let path = pod.dns.log_path();
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// Another client namespace (`{id}-{suffix}`) at `ip` and at [`ip6_of`]`(ip)`; returns its
+    /// name.
     pub fn add_client(
         &mut self,
         suffix: &str,
@@ -199,10 +329,7 @@ impl Testbed {
         let ns = Netns::create(&format!("{}-{suffix}", self.id))?;
         let port = format!("vc{}", self.extra_clients.len() + 1);
         attach(&self.switch, &ns, &port, ip)?;
-        match services {
-            ServiceRoute::Unreachable => ns.ip(&["route", "add", "unreachable", SERVICE_CIDR])?,
-            ServiceRoute::Discard => ns.ip(&["route", "add", SERVICE_CIDR, "dev", "lo"])?,
-        }
+        route_services(&ns, services)?;
         let name = ns.name().to_owned();
         self.extra_clients.push(ns);
         Ok(name)
@@ -218,6 +345,57 @@ impl Testbed {
 
     pub fn client_netns(&self) -> &str {
         self.client.name()
+    }
+
+    /// Runs `cmd args` (found on PATH) in the client namespace, inside the cgroup, seeing
+    /// `resolv` as /etc/resolv.conf; kills it after `timeout` (an error, with what it printed).
+    /// Its exit status is for the caller to judge.
+    pub fn client_command(
+        &self,
+        resolv: &Resolv,
+        cmd: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Output> {
+        self.command_in(
+            self.client.name(),
+            Some(&self.cgroup),
+            Some(resolv),
+            cmd,
+            args,
+            timeout,
+        )
+    }
+
+    /// [`client_command`](Self::client_command) in any namespace (an extra client's, say), in
+    /// `cgroup` or none, with or without a resolv.conf of the testbed's (without: the host's).
+    pub fn command_in(
+        &self,
+        netns: &str,
+        cgroup: Option<&Path>,
+        resolv: Option<&Resolv>,
+        cmd: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Output> {
+        let mut binds = Vec::new();
+        if let Some(resolv) = resolv {
+            static NEXT_RESOLV: AtomicU32 = AtomicU32::new(1);
+            let file = self.dir.join(format!(
+                "resolv-{}.conf",
+                NEXT_RESOLV.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&file, resolv.render())?;
+            binds.extend([
+                (file, "/etc/resolv.conf".into()),
+                (self.dir.join("nsswitch.conf"), "/etc/nsswitch.conf".into()),
+                (self.dir.join("hosts"), "/etc/hosts".into()),
+            ]);
+        }
+        let child = exec::command(&self.probe_bin, netns, cgroup, &binds, cmd, args)
+            .spawn()
+            .with_context(|| format!("starting {} exec", self.probe_bin.display()))?;
+        exec::wait_with_timeout(child, &format!("{cmd} {}", args.join(" ")), timeout)
     }
 
     /// Writes a manifest atomically (a temporary dot-file renamed into place), as a tool would.
@@ -251,6 +429,12 @@ impl Testbed {
     pub fn spawn_agent(&mut self) -> anyhow::Result<&mut Agent> {
         if self.agent.is_some() {
             bail!("the agent is already running");
+        }
+        if !self.agent_bin.exists() {
+            bail!(
+                "{} not found: build it first (`cargo build -p lb-agent`; `xtask/run test` does)",
+                self.agent_bin.display()
+            );
         }
         let mut args: Vec<std::ffi::OsString> = vec!["run".into()];
         match &self.kubeconfig {
@@ -303,6 +487,9 @@ impl Testbed {
             also: Vec::new(),
             echo: false,
             udp: false,
+            udp_unconnected: false,
+            messages: 1,
+            peer: false,
             count,
             duration_ms: None,
             interval_ms: 0,
@@ -325,8 +512,20 @@ impl Drop for Testbed {
     }
 }
 
+/// Routes the Service CIDRs (IPv4 and IPv6) in a client namespace.
+fn route_services(ns: &Netns, services: ServiceRoute) -> anyhow::Result<()> {
+    for cidr in [SERVICE_CIDR, SERVICE_CIDR6] {
+        let family = if cidr.contains(':') { "-6" } else { "-4" };
+        match services {
+            ServiceRoute::Unreachable => ns.ip(&[family, "route", "add", "unreachable", cidr])?,
+            ServiceRoute::Discard => ns.ip(&[family, "route", "add", cidr, "dev", "lo"])?,
+        }
+    }
+    Ok(())
+}
+
 /// Connects `ns` to the switch's bridge with a veth (`port` on the bridge side, `eth0` inside) and
-/// gives it `ip` on the pods' subnet: no other route.
+/// gives it `ip` on the pods' subnet and [`ip6_of`]`(ip)` on their IPv6 subnet: no other route.
 fn attach(switch: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
     switch.ip(&[
         "link",
@@ -348,6 +547,17 @@ fn attach(switch: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> anyhow::Resul
         "dev",
         "eth0",
     ])?;
+    // nodad: usable at once, not "tentative" for the second duplicate address detection takes.
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/{POD_PREFIX_LEN6}", ip6_of(ip)),
+        "dev",
+        "eth0",
+        "nodad",
+    ])
+    .context("adding an IPv6 address (is IPv6 disabled on this host? the testbed needs it)")?;
     ns.ip(&["link", "set", "eth0", "up"])
 }
 

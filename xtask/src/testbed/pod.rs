@@ -1,9 +1,10 @@
 //! A "pod": threads inside a namespace that answer as the pod's name, over HTTP on TCP and as a
-//! datagram on UDP.
+//! datagram on UDP. Every socket is bound to `[::]` with IPV6_V6ONLY off, so one socket serves
+//! the pod's IPv4 and IPv6 addresses alike.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
         Arc,
@@ -15,6 +16,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 
 use super::netns;
 
@@ -27,9 +29,9 @@ pub struct PodServer {
 }
 
 impl PodServer {
-    /// Starts listening on every port (all addresses of `netns`); returns once all are bound.
-    /// `tcp_ports` answer HTTP with `name`, `udp_ports` answer a datagram with `name`,
-    /// `echo_ports` echo every byte back.
+    /// Starts listening on every port (all IPv4 and IPv6 addresses of `netns`); returns once all
+    /// are bound. `tcp_ports` answer HTTP with `name`, `udp_ports` answer each datagram with
+    /// `name` (sent back to whoever sent it), `echo_ports` echo every byte back.
     pub fn start(
         netns: &str,
         name: &str,
@@ -54,11 +56,9 @@ impl PodServer {
             );
             threads.push(thread::spawn(move || {
                 let bound = netns::enter(&netns).and_then(|()| match kind {
-                    Kind::Http | Kind::Echo => {
-                        Ok(Socket::Tcp(TcpListener::bind(("0.0.0.0", port))?))
-                    }
+                    Kind::Http | Kind::Echo => Ok(Socket::Tcp(dual_stack_listener(port)?)),
                     Kind::Udp => {
-                        let socket = UdpSocket::bind(("0.0.0.0", port))?;
+                        let socket = dual_stack_udp(port)?;
                         socket.set_read_timeout(Some(POLL))?;
                         Ok(Socket::Udp(socket))
                     }
@@ -113,6 +113,26 @@ enum Kind {
 enum Socket {
     Tcp(TcpListener),
     Udp(UdpSocket),
+}
+
+/// A socket bound to `[::]:port` that also takes IPv4 (as `::ffff:a.b.c.d`), whatever the
+/// namespace's `net.ipv6.bindv6only` says.
+fn dual_stack(kind: Type, protocol: Protocol, port: u16) -> std::io::Result<RawSocket> {
+    let socket = RawSocket::new(Domain::IPV6, kind, Some(protocol))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    Ok(socket)
+}
+
+fn dual_stack_listener(port: u16) -> std::io::Result<TcpListener> {
+    let socket = dual_stack(Type::STREAM, Protocol::TCP, port)?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
+fn dual_stack_udp(port: u16) -> std::io::Result<UdpSocket> {
+    Ok(dual_stack(Type::DGRAM, Protocol::UDP, port)?.into())
 }
 
 fn serve_tcp(

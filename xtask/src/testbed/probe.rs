@@ -3,10 +3,16 @@
 //!
 //! It runs as its own process (`xtask probe`), because cgroup membership is per process: the test
 //! or demo process itself stays outside the cgroup.
+//!
+//! Modes: TCP with an HTTP GET (the default), a connected UDP socket (`--udp`), an unconnected UDP
+//! socket with sendto/recvfrom (`--udp-unconnected`), and the benchmark's echo (`--echo`). Every
+//! mode takes IPv4 and IPv6 targets. An IPv4-mapped target (`[::ffff:10.96.0.10]:80`, see
+//! [`v4_mapped`]) makes the probe use an AF_INET6 socket towards an IPv4 address, as dual-stack
+//! programs do; no flag is needed for that.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -14,6 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::netns;
 
@@ -42,7 +49,17 @@ pub struct ProbeArgs {
     /// Use a connected UDP socket instead of TCP.
     #[arg(long)]
     pub udp: bool,
-    /// Number of attempts.
+    /// Use an unconnected UDP socket instead of TCP: sendto(target), then recvfrom, recording
+    /// where the reply came from. A new socket per --count iteration.
+    #[arg(long, conflicts_with_all = ["udp", "echo"])]
+    pub udp_unconnected: bool,
+    /// Datagrams per socket with --udp-unconnected, each waiting for its reply (one attempt each).
+    #[arg(long, default_value_t = 1)]
+    pub messages: u32,
+    /// Record getpeername() after connect (TCP and --udp).
+    #[arg(long)]
+    pub peer: bool,
+    /// Number of attempts (sockets, with --udp-unconnected).
     #[arg(long, default_value_t = 1)]
     pub count: u32,
     /// Keep going for this long instead (bounded by --count too).
@@ -53,17 +70,35 @@ pub struct ProbeArgs {
     pub interval_ms: u64,
 }
 
-/// One connect and exchange.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One connect and exchange (with --udp-unconnected: one datagram and its reply).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Attempt {
     /// When it started, in microseconds since the Unix epoch.
     pub at_us: u64,
-    /// How long connect() took.
+    /// How long connect() took (with --udp-unconnected: the sendto()).
     pub connect_us: u64,
     /// The name of the pod that answered.
     pub answer: Option<String>,
     /// The errno name (`ECONNREFUSED`, ...) or what went wrong.
     pub error: Option<String>,
+    /// getpeername() after connect, as `SocketAddr` prints it (with --peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Where the reply came from, as recvfrom() reported it (with --udp-unconnected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Which socket sent the datagram: 0.. in --count order (with --udp-unconnected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<u32>,
+}
+
+/// `addr` as an IPv4-mapped IPv6 address (`[::ffff:a.b.c.d]:port`): a probe to it uses an AF_INET6
+/// socket towards the IPv4 address. IPv6 addresses are returned as they are.
+pub fn v4_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+        SocketAddr::V6(_) => addr,
+    }
 }
 
 pub fn now_us() -> u64 {
@@ -105,16 +140,20 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
             .min(MAX_DURATION);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    for _ in 0..args.count.min(MAX_COUNT) {
+    for index in 0..args.count.min(MAX_COUNT) {
         if Instant::now() >= deadline {
             break;
         }
-        let attempt = if args.udp {
-            udp(args.target)
+        let attempts = if args.udp_unconnected {
+            udp_unconnected(args.target, index, args.messages.min(MAX_COUNT), deadline)
+        } else if args.udp {
+            vec![udp(args.target, args.peer)]
         } else {
-            tcp(args.target)
+            vec![tcp(args.target, args.peer)]
         };
-        writeln!(out, "{}", serde_json::to_string(&attempt)?)?;
+        for attempt in attempts {
+            writeln!(out, "{}", serde_json::to_string(&attempt)?)?;
+        }
         if args.interval_ms > 0 {
             std::thread::sleep(Duration::from_millis(args.interval_ms));
         }
@@ -167,12 +206,37 @@ fn errno_name(e: &std::io::Error) -> String {
     }
 }
 
-fn tcp(target: SocketAddr) -> Attempt {
+/// A socket of `target`'s family; an AF_INET6 one also reaches IPv4-mapped addresses.
+fn socket_for(target: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(target), kind, Some(protocol))?;
+    if target.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    Ok(socket)
+}
+
+fn peer_of(socket: &Socket) -> String {
+    match socket.peer_addr().map(|a| a.as_socket()) {
+        Ok(Some(addr)) => addr.to_string(),
+        Ok(None) => "not an IP address".to_owned(),
+        Err(e) => errno_name(&e),
+    }
+}
+
+fn tcp(target: SocketAddr, want_peer: bool) -> Attempt {
     let at_us = now_us();
     let started = Instant::now();
-    let connected = TcpStream::connect_timeout(&target, IO_TIMEOUT);
+    let connected = socket_for(target, Type::STREAM, Protocol::TCP).and_then(|socket| {
+        socket.connect_timeout(&target.into(), IO_TIMEOUT)?;
+        Ok(socket)
+    });
     let connect_us = started.elapsed().as_micros() as u64;
+    let peer = match &connected {
+        Ok(socket) if want_peer => Some(peer_of(socket)),
+        _ => None,
+    };
     let result = connected
+        .map(TcpStream::from)
         .map_err(|e| errno_name(&e))
         .and_then(|mut stream| {
             let exchange = || -> std::io::Result<String> {
@@ -188,22 +252,29 @@ fn tcp(target: SocketAddr) -> Attempt {
                 None => Err(format!("not an HTTP answer: {response:?}")),
             }
         });
-    attempt(at_us, connect_us, result)
+    Attempt {
+        peer,
+        ..attempt(at_us, connect_us, result)
+    }
 }
 
-fn udp(target: SocketAddr) -> Attempt {
+fn udp(target: SocketAddr, want_peer: bool) -> Attempt {
     let at_us = now_us();
     let started = Instant::now();
     let result = (|| -> Result<(UdpSocket, u64), String> {
-        let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| errno_name(&e))?;
-        // connect() on UDP is what lb's connect4 hook rewrites.
-        socket.connect(target).map_err(|e| errno_name(&e))?;
-        Ok((socket, started.elapsed().as_micros() as u64))
+        let socket = socket_for(target, Type::DGRAM, Protocol::UDP).map_err(|e| errno_name(&e))?;
+        // connect() on UDP is what lb's connect hooks rewrite.
+        socket.connect(&target.into()).map_err(|e| errno_name(&e))?;
+        Ok((socket.into(), started.elapsed().as_micros() as u64))
     })();
     let (socket, connect_us) = match result {
         Ok(ok) => ok,
         Err(e) => return attempt(at_us, started.elapsed().as_micros() as u64, Err(e)),
     };
+    let peer = want_peer.then(|| match socket.peer_addr() {
+        Ok(addr) => addr.to_string(),
+        Err(e) => errno_name(&e),
+    });
     let exchange = || -> std::io::Result<String> {
         socket.set_read_timeout(Some(IO_TIMEOUT))?;
         socket.send(b"ping")?;
@@ -211,23 +282,71 @@ fn udp(target: SocketAddr) -> Attempt {
         let n = socket.recv(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
     };
-    attempt(at_us, connect_us, exchange().map_err(|e| errno_name(&e)))
+    Attempt {
+        peer,
+        ..attempt(at_us, connect_us, exchange().map_err(|e| errno_name(&e)))
+    }
+}
+
+/// One unconnected socket, bound to the wildcard address of `target`'s family, sending
+/// `messages` datagrams with sendto() (what lb's sendmsg hooks rewrite) and taking each reply
+/// with recvfrom() (whose source address lb's recvmsg hooks rewrite back).
+fn udp_unconnected(
+    target: SocketAddr,
+    index: u32,
+    messages: u32,
+    deadline: Instant,
+) -> Vec<Attempt> {
+    let wildcard = match target {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let bound = socket_for(target, Type::DGRAM, Protocol::UDP).and_then(|socket| {
+        socket.bind(&wildcard.into())?;
+        socket.set_read_timeout(Some(IO_TIMEOUT))?;
+        Ok(UdpSocket::from(socket))
+    });
+    let mut attempts = Vec::new();
+    for _ in 0..messages {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let at_us = now_us();
+        let started = Instant::now();
+        let mut connect_us = 0;
+        let mut from = None;
+        let result = match &bound {
+            Err(e) => Err(errno_name(e)),
+            Ok(socket) => (|| -> std::io::Result<String> {
+                socket.send_to(b"ping", target)?;
+                connect_us = started.elapsed().as_micros() as u64;
+                let mut buf = [0u8; 1500];
+                let (n, source) = socket.recv_from(&mut buf)?;
+                from = Some(source.to_string());
+                Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+            })()
+            .map_err(|e| errno_name(&e)),
+        };
+        attempts.push(Attempt {
+            from,
+            socket: Some(index),
+            ..attempt(at_us, connect_us, result)
+        });
+    }
+    attempts
 }
 
 fn attempt(at_us: u64, connect_us: u64, result: Result<String, String>) -> Attempt {
-    match result {
-        Ok(answer) => Attempt {
-            at_us,
-            connect_us,
-            answer: Some(answer),
-            error: None,
-        },
-        Err(error) => Attempt {
-            at_us,
-            connect_us,
-            answer: None,
-            error: Some(error),
-        },
+    let (answer, error) = match result {
+        Ok(answer) => (Some(answer), None),
+        Err(error) => (None, Some(error)),
+    };
+    Attempt {
+        at_us,
+        connect_us,
+        answer,
+        error,
+        ..Attempt::default()
     }
 }
 
@@ -248,6 +367,14 @@ pub fn spawn(exe: &Path, args: &ProbeArgs) -> anyhow::Result<Child> {
     }
     if args.udp {
         command.arg("--udp");
+    }
+    if args.udp_unconnected {
+        command
+            .arg("--udp-unconnected")
+            .args(["--messages", &args.messages.to_string()]);
+    }
+    if args.peer {
+        command.arg("--peer");
     }
     if args.echo {
         command.arg("--echo");
