@@ -7,19 +7,26 @@
 //! - addresses are byte arrays in network order (`[10, 96, 0, 10]`);
 //! - ports are `u16` in host order (`80`); the program converts once per connect.
 //!
-//! The maps (one pair per IP family, sharing one space of service ids, the entries and the slot
-//! scheme):
+//! The maps the agent writes (one set per IP family, sharing one space of service ids, the entries
+//! and the slot scheme):
 //!
-//! | map            | key                | value            | read by |
-//! |----------------|--------------------|------------------|---------|
-//! | `LB4_SERVICES` | [`Frontend4Key`]   | [`ServiceEntry`] | connect4/6, sendmsg4/6 |
-//! | `LB4_BACKENDS` | [`BackendSlotKey`] | [`Backend4`]     | connect4/6, sendmsg4/6 |
-//! | `LB6_SERVICES` | [`Frontend6Key`]   | [`ServiceEntry`] | connect6, sendmsg6 |
-//! | `LB6_BACKENDS` | [`BackendSlotKey`] | [`Backend6`]     | connect6, sendmsg6 |
-//! | `LB_SVC_NAMES` | `u32` service id   | [`ServiceName`]  | `lb-agent list` |
+//! | map            | key                   | value             | read by |
+//! |----------------|-----------------------|-------------------|---------|
+//! | `LB4_SERVICES` | [`Frontend4Key`]      | [`ServiceEntry`]  | connect4/6, sendmsg4/6 |
+//! | `LB4_BACKENDS` | [`BackendSlotKey`]    | [`Backend4`]      | connect4/6, sendmsg4/6 |
+//! | `LB4_MEMBERS`  | [`BackendMember4Key`] | [`BackendMember`] | sendmsg4/6 |
+//! | `LB6_SERVICES` | [`Frontend6Key`]      | [`ServiceEntry`]  | connect6, sendmsg6 |
+//! | `LB6_BACKENDS` | [`BackendSlotKey`]    | [`Backend6`]      | connect6, sendmsg6 |
+//! | `LB6_MEMBERS`  | [`BackendMember6Key`] | [`BackendMember`] | sendmsg6 |
+//! | `LB_SVC_NAMES` | `u32` service id      | [`ServiceName`]   | `lb-agent list` |
 //!
-//! The agent writes those. The programs themselves keep two per-socket maps per family, both LRU
-//! (sized by the agent's `--socket-map-entries`, so they can never fill up):
+//! `*_SERVICES` and `*_BACKENDS` say where a new choice may go: a frontend's service entry and its
+//! slots. `*_MEMBERS` answers, in one lookup, whether a backend is still in a service's set,
+//! whichever slot it is in: it holds one entry per (service id, backend) of every slot below the
+//! count, so a backend that moves to another slot keeps its entry untouched.
+//!
+//! The programs themselves keep two per-socket maps per family, both LRU (sized by the agent's
+//! `--socket-map-entries`, so they can never fill up):
 //!
 //! | map                 | key                | value             | written by | read by |
 //! |---------------------|--------------------|-------------------|------------|---------|
@@ -30,19 +37,24 @@
 //!
 //! `*_REVERSE` turns a translated socket's backend back into the frontend it addressed, so replies
 //! (recvmsg) and the socket's peer (getpeername) show the ClusterIP. `*_SOCK_BACKEND` keeps the
-//! datagrams one unconnected UDP socket sends to one frontend on one backend while that backend
-//! stays in its slot. Both are keyed by the kernel's socket cookie, unique per socket per boot.
-//! IPv4 Services reached through IPv4-mapped addresses (`::ffff:a.b.c.d`) on AF_INET6 sockets use
-//! the IPv4 maps.
+//! datagrams one unconnected UDP socket sends to one frontend on one backend for as long as that
+//! backend is in the frontend's set (the frontend's service id is unchanged and `*_MEMBERS` has
+//! the backend), and lets them move once it leaves. Both are keyed by the kernel's socket cookie,
+//! unique per socket per boot. IPv4 Services reached through IPv4-mapped addresses
+//! (`::ffff:a.b.c.d`) on AF_INET6 sockets use the IPv4 maps.
 //!
-//! A frontend (ClusterIP, port, protocol) maps to a service entry whose `backend_count` slots
-//! `0..backend_count` in `LB4_BACKENDS` are all present; the agent keeps that invariant by writing
-//! slots before raising the count and deleting them after lowering it.
+//! The agent keeps these invariants while it changes the maps:
+//! - a frontend (ClusterIP, port, protocol) maps to a service entry whose `backend_count` slots
+//!   `0..backend_count` in its family's `*_BACKENDS` are all present: slots are written before the
+//!   count is raised and deleted after it is lowered;
+//! - every backend in one of those slots has its member entry: members are written before their
+//!   backend enters a slot, and deleted only once it is in no slot below the count.
 #![no_std]
 
 /// Capacity of the service (frontend) maps. A frontend is one ClusterIP × port × protocol.
 pub const MAX_SERVICES: u32 = 65_536;
-/// Capacity of the backend slot map, shared by all frontends.
+/// Capacity of each backend slot map, shared by all frontends, and of each member map (one entry
+/// per slot).
 pub const MAX_BACKEND_SLOTS: u32 = 524_288;
 /// Largest backend set one frontend may have (the count is a `u16`; kube caps a slice at 1000
 /// endpoints, so this leaves room for many slices).
@@ -250,13 +262,12 @@ pub struct SockFrontend6Key {
 }
 
 /// Value of `LB4_SOCK_BACKEND`: the backend the socket's datagrams to that frontend go to, and
-/// the slot it was picked from. The choice holds while that slot of that service still holds that
-/// backend.
+/// the service id the frontend had when it was picked. The choice holds while the frontend keeps
+/// that id and `LB4_MEMBERS` has `(service_id, backend)`, whichever slot the backend is in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SockBackend4 {
     pub service_id: u32,
-    pub slot: u32,
     pub backend: Backend4,
 }
 
@@ -265,8 +276,85 @@ pub struct SockBackend4 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SockBackend6 {
     pub service_id: u32,
-    pub slot: u32,
     pub backend: Backend6,
+}
+
+/// Key of `LB4_MEMBERS`: a backend of a service's current set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendMember4Key {
+    pub service_id: u32,
+    /// Pod IP, network byte order.
+    pub address: [u8; 4],
+    /// Target port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl BackendMember4Key {
+    #[inline(always)]
+    pub const fn new(service_id: u32, backend: &Backend4) -> Self {
+        Self {
+            service_id,
+            address: backend.address,
+            port: backend.port,
+            _pad: 0,
+        }
+    }
+
+    pub const fn backend(&self) -> Backend4 {
+        Backend4 {
+            address: self.address,
+            port: self.port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Key of `LB6_MEMBERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendMember6Key {
+    pub service_id: u32,
+    /// Pod IP, network byte order.
+    pub address: [u8; 16],
+    /// Target port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl BackendMember6Key {
+    #[inline(always)]
+    pub const fn new(service_id: u32, backend: &Backend6) -> Self {
+        Self {
+            service_id,
+            address: backend.address,
+            port: backend.port,
+            _pad: 0,
+        }
+    }
+
+    pub const fn backend(&self) -> Backend6 {
+        Backend6 {
+            address: self.address,
+            port: self.port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `LB4_MEMBERS` and `LB6_MEMBERS`. Only the key's presence means something: the agent
+/// always writes [`BackendMember::MARKER`] and the programs never read the value. (Not the slot:
+/// a backend that moves slot would then need its member entry rewritten.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendMember {
+    pub marker: u32,
+}
+
+impl BackendMember {
+    /// The one value member entries hold.
+    pub const MARKER: Self = Self { marker: 1 };
 }
 
 /// Default capacity of each per-socket LRU map (`--socket-map-entries`).
@@ -293,6 +381,9 @@ mod user {
     unsafe impl aya::Pod for SockFrontend6Key {}
     unsafe impl aya::Pod for SockBackend4 {}
     unsafe impl aya::Pod for SockBackend6 {}
+    unsafe impl aya::Pod for BackendMember4Key {}
+    unsafe impl aya::Pod for BackendMember6Key {}
+    unsafe impl aya::Pod for BackendMember {}
 }
 
 #[cfg(test)]
@@ -352,10 +443,43 @@ mod tests {
         assert_eq!(offset_of!(SockFrontend4Key, frontend), 8);
         assert_eq!(size_of::<SockFrontend6Key>(), 32);
         assert_eq!(offset_of!(SockFrontend6Key, _pad), 28);
-        assert_eq!(size_of::<SockBackend4>(), 16);
-        assert_eq!(offset_of!(SockBackend4, backend), 8);
-        assert_eq!(size_of::<SockBackend6>(), 28);
+        assert_eq!(size_of::<SockBackend4>(), 12);
+        assert_eq!(offset_of!(SockBackend4, backend), 4);
+        assert_eq!(size_of::<SockBackend6>(), 24);
+        assert_eq!(offset_of!(SockBackend6, backend), 4);
         assert_eq!(align_of::<SockBackend6>(), 4);
+    }
+
+    #[test]
+    fn member_layouts() {
+        assert_eq!(size_of::<BackendMember4Key>(), 12);
+        assert_eq!(align_of::<BackendMember4Key>(), 4);
+        assert_eq!(offset_of!(BackendMember4Key, address), 4);
+        assert_eq!(offset_of!(BackendMember4Key, port), 8);
+        assert_eq!(offset_of!(BackendMember4Key, _pad), 10);
+        assert_eq!(size_of::<BackendMember6Key>(), 24);
+        assert_eq!(align_of::<BackendMember6Key>(), 4);
+        assert_eq!(offset_of!(BackendMember6Key, address), 4);
+        assert_eq!(offset_of!(BackendMember6Key, port), 20);
+        assert_eq!(offset_of!(BackendMember6Key, _pad), 22);
+        assert_eq!(size_of::<BackendMember>(), 4);
+    }
+
+    #[test]
+    fn member_keys_round_trip_their_backend() {
+        let b4 = Backend4 {
+            address: [10, 244, 0, 1],
+            port: 8080,
+            _pad: 0,
+        };
+        assert_eq!(BackendMember4Key::new(7, &b4).backend(), b4);
+        let b6 = Backend6 {
+            address: [0xfd; 16],
+            port: 8443,
+            _pad: 0,
+        };
+        let key = BackendMember6Key::new(7, &b6);
+        assert_eq!((key.service_id, key.backend()), (7, b6));
     }
 
     #[test]

@@ -8,9 +8,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    Backend4, Backend6, BackendSlotKey, DEFAULT_SOCKET_MAP_ENTRIES, Frontend4Key, Frontend6Key,
-    MAX_BACKEND_SLOTS, MAX_SERVICES, Reverse4Key, Reverse6Key, ServiceAddr4, ServiceAddr6,
-    ServiceEntry, ServiceName, SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key,
+    Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
+    DEFAULT_SOCKET_MAP_ENTRIES, Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS, MAX_SERVICES,
+    Reverse4Key, Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceEntry, ServiceName, SockBackend4,
+    SockBackend6, SockFrontend4Key, SockFrontend6Key,
 };
 
 const SOCKET_MAP_ENTRIES: usize = DEFAULT_SOCKET_MAP_ENTRIES as usize;
@@ -24,11 +25,19 @@ static LB4_BACKENDS: HashMap<BackendSlotKey, Backend4, { MAX_BACKEND_SLOTS as us
     HashMap::new();
 
 #[btf_map]
+static LB4_MEMBERS: HashMap<BackendMember4Key, BackendMember, { MAX_BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+#[btf_map]
 static LB6_SERVICES: HashMap<Frontend6Key, ServiceEntry, { MAX_SERVICES as usize }> =
     HashMap::new();
 
 #[btf_map]
 static LB6_BACKENDS: HashMap<BackendSlotKey, Backend6, { MAX_BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+#[btf_map]
+static LB6_MEMBERS: HashMap<BackendMember6Key, BackendMember, { MAX_BACKEND_SLOTS as usize }> =
     HashMap::new();
 
 /// Read by `lb-agent list` only; declared here so it is created, typed (BTF) and pinned with the
@@ -56,21 +65,23 @@ static LB6_SOCK_BACKEND: LruHashMap<SockFrontend6Key, SockBackend6, SOCKET_MAP_E
 pub trait Family {
     type Addr: Copy;
     type Frontend;
-    type Backend: Copy + PartialEq;
+    type Backend: Copy;
 
     fn frontend(address: Self::Addr, port: u16, protocol: u8) -> Self::Frontend;
     /// The frontend's entry, copied out at once: the agent may replace it while we run.
     fn service(frontend: &Self::Frontend) -> Option<ServiceEntry>;
     fn backend(service_id: u32, slot: u32) -> Option<Self::Backend>;
     fn backend_addr(backend: &Self::Backend) -> (Self::Addr, u16);
+    /// Whether `backend` is in the backend set of service `service_id`, whichever slot it is in
+    /// (its entry in the family's member map exists).
+    fn is_member(service_id: u32, backend: &Self::Backend) -> bool;
 
-    /// The slot and backend this socket's datagrams to `frontend` went to.
+    /// The service id and backend this socket's datagrams to `frontend` went to.
     fn sock_backend(cookie: u64, frontend: &Self::Frontend) -> Option<(u32, Self::Backend)>;
     fn remember_sock_backend(
         cookie: u64,
         frontend: &Self::Frontend,
         service_id: u32,
-        slot: u32,
         backend: &Self::Backend,
     );
 
@@ -121,13 +132,20 @@ impl Family for Inet {
     }
 
     #[inline(always)]
+    fn is_member(service_id: u32, backend: &Backend4) -> bool {
+        let key = BackendMember4Key::new(service_id, backend);
+        // SAFETY: as above; only the entry's presence is used.
+        unsafe { LB4_MEMBERS.get(&key) }.is_some()
+    }
+
+    #[inline(always)]
     fn sock_backend(cookie: u64, frontend: &Frontend4Key) -> Option<(u32, Backend4)> {
         let key = SockFrontend4Key {
             cookie,
             frontend: *frontend,
         };
         // SAFETY: as above.
-        unsafe { LB4_SOCK_BACKEND.get(&key) }.map(|v| (v.slot, v.backend))
+        unsafe { LB4_SOCK_BACKEND.get(&key) }.map(|v| (v.service_id, v.backend))
     }
 
     #[inline(always)]
@@ -135,7 +153,6 @@ impl Family for Inet {
         cookie: u64,
         frontend: &Frontend4Key,
         service_id: u32,
-        slot: u32,
         backend: &Backend4,
     ) {
         let key = SockFrontend4Key {
@@ -144,7 +161,6 @@ impl Family for Inet {
         };
         let value = SockBackend4 {
             service_id,
-            slot,
             backend: *backend,
         };
         let _ = LB4_SOCK_BACKEND.insert(&key, &value, u64::from(BPF_ANY));
@@ -232,6 +248,13 @@ impl Family for Inet6 {
     }
 
     #[inline(always)]
+    fn is_member(service_id: u32, backend: &Backend6) -> bool {
+        let key = BackendMember6Key::new(service_id, backend);
+        // SAFETY: as above; only the entry's presence is used.
+        unsafe { LB6_MEMBERS.get(&key) }.is_some()
+    }
+
+    #[inline(always)]
     fn sock_backend(cookie: u64, frontend: &Frontend6Key) -> Option<(u32, Backend6)> {
         let key = SockFrontend6Key {
             cookie,
@@ -239,7 +262,7 @@ impl Family for Inet6 {
             _pad: 0,
         };
         // SAFETY: as above.
-        unsafe { LB6_SOCK_BACKEND.get(&key) }.map(|v| (v.slot, v.backend))
+        unsafe { LB6_SOCK_BACKEND.get(&key) }.map(|v| (v.service_id, v.backend))
     }
 
     #[inline(always)]
@@ -247,7 +270,6 @@ impl Family for Inet6 {
         cookie: u64,
         frontend: &Frontend6Key,
         service_id: u32,
-        slot: u32,
         backend: &Backend6,
     ) {
         let key = SockFrontend6Key {
@@ -257,7 +279,6 @@ impl Family for Inet6 {
         };
         let value = SockBackend6 {
             service_id,
-            slot,
             backend: *backend,
         };
         let _ = LB6_SOCK_BACKEND.insert(&key, &value, u64::from(BPF_ANY));

@@ -116,7 +116,7 @@ fn connect<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
     if service.backend_count == 0 {
         return Verdict::Refuse(service);
     }
-    let Some((_, backend)) = pick::<F>(ctx, &service) else {
+    let Some(backend) = pick::<F>(ctx, &service) else {
         return Verdict::Untouched;
     };
     F::remember_reverse(cookie(ctx), &backend, address, port);
@@ -124,7 +124,9 @@ fn connect<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
 }
 
 /// Like [`connect`], for one datagram of an unconnected socket: the socket's earlier datagrams to
-/// this frontend went to a backend, and the next ones go there too while it keeps its slot.
+/// this frontend went to a backend, and the next ones go there too while it is in the frontend's
+/// set, whichever slot it is in now. Once it leaves (or the frontend was removed and added again
+/// under another service id), the next datagram picks anew.
 #[inline(always)]
 fn sendmsg<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) -> Verdict<F> {
     let frontend = F::frontend(address, port, protocol(ctx));
@@ -135,39 +137,37 @@ fn sendmsg<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
         return Verdict::Refuse(service);
     }
     let cookie = cookie(ctx);
-    if let Some((slot, backend)) = F::sock_backend(cookie, &frontend)
-        && slot < u32::from(service.backend_count)
-        && F::backend(service.service_id, slot) == Some(backend)
+    if let Some((service_id, backend)) = F::sock_backend(cookie, &frontend)
+        && service_id == service.service_id
+        && F::is_member(service_id, &backend)
     {
         return Verdict::Translate(backend);
     }
-    let Some((slot, backend)) = pick::<F>(ctx, &service) else {
+    let Some(backend) = pick::<F>(ctx, &service) else {
         return Verdict::Untouched;
     };
-    F::remember_sock_backend(cookie, &frontend, service.service_id, slot, &backend);
+    F::remember_sock_backend(cookie, &frontend, service.service_id, &backend);
     F::remember_reverse(cookie, &backend, address, port);
     Verdict::Translate(backend)
 }
 
-/// A random slot of the service's (non-empty) backend set, and its backend.
+/// The backend in a random slot of the service's (non-empty) backend set.
 #[inline(always)]
-fn pick<F: Family>(ctx: &SockAddrContext, service: &ServiceEntry) -> Option<(u32, F::Backend)> {
+fn pick<F: Family>(ctx: &SockAddrContext, service: &ServiceEntry) -> Option<F::Backend> {
     // `max` keeps the verifier and a racing agent from ever dividing by zero.
     // SAFETY: plain helper call.
     let slot = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() }
         % u32::from(service.backend_count).max(1);
-    match F::backend(service.service_id, slot) {
-        Some(backend) => Some((slot, backend)),
-        None => {
-            // Cannot happen while the agent keeps slots 0..count present; leave the socket
-            // alone rather than guess (the client sees what it would without a load balancer).
-            debug!(
-                ctx,
-                "lb: service {} slot {} missing", service.service_id, slot
-            );
-            None
-        }
+    let backend = F::backend(service.service_id, slot);
+    if backend.is_none() {
+        // Cannot happen while the agent keeps slots 0..count present; leave the socket alone
+        // rather than guess (the client sees what it would without a load balancer).
+        debug!(
+            ctx,
+            "lb: service {} slot {} missing", service.service_id, slot
+        );
     }
+    backend
 }
 
 /// Rewrites a peer or reply source that is a backend this socket was translated to back into the

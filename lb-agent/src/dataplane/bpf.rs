@@ -22,9 +22,9 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use lb_common::{
-    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, Reverse4Key, Reverse6Key,
-    ServiceAddr4, ServiceAddr6, ServiceEntry, ServiceName, SockBackend4, SockBackend6,
-    SockFrontend4Key, SockFrontend6Key,
+    Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
+    Frontend4Key, Frontend6Key, Reverse4Key, Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceEntry,
+    ServiceName, SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key,
 };
 use tracing::{debug, info, warn};
 
@@ -37,6 +37,8 @@ pub const SERVICES_MAP: &str = "LB4_SERVICES";
 pub const BACKENDS_MAP: &str = "LB4_BACKENDS";
 pub const SERVICES6_MAP: &str = "LB6_SERVICES";
 pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
+pub const MEMBERS_MAP: &str = "LB4_MEMBERS";
+pub const MEMBERS6_MAP: &str = "LB6_MEMBERS";
 pub const NAMES_MAP: &str = "LB_SVC_NAMES";
 /// The per-socket LRU maps the programs write themselves (see lb-common).
 pub const SOCKET_MAPS: [&str; 4] = [
@@ -88,11 +90,13 @@ impl Program {
 }
 
 /// The maps the agent writes, each pinned under its own name.
-const MAPS: [&str; 5] = [
+const MAPS: [&str; 7] = [
     SERVICES_MAP,
     BACKENDS_MAP,
+    MEMBERS_MAP,
     SERVICES6_MAP,
     BACKENDS6_MAP,
+    MEMBERS6_MAP,
     NAMES_MAP,
 ];
 
@@ -116,8 +120,10 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub struct BpfMaps {
     services: HashMap<MapData, Frontend4Key, ServiceEntry>,
     backends: HashMap<MapData, BackendSlotKey, Backend4>,
+    members: HashMap<MapData, BackendMember4Key, BackendMember>,
     services6: HashMap<MapData, Frontend6Key, ServiceEntry>,
     backends6: HashMap<MapData, BackendSlotKey, Backend6>,
+    members6: HashMap<MapData, BackendMember6Key, BackendMember>,
     names: HashMap<MapData, u32, ServiceName>,
 }
 
@@ -154,8 +160,10 @@ impl BpfMaps {
         Ok(Self {
             services: typed(get(SERVICES_MAP)?, SERVICES_MAP)?,
             backends: typed(get(BACKENDS_MAP)?, BACKENDS_MAP)?,
+            members: typed(get(MEMBERS_MAP)?, MEMBERS_MAP)?,
             services6: typed(get(SERVICES6_MAP)?, SERVICES6_MAP)?,
             backends6: typed(get(BACKENDS6_MAP)?, BACKENDS6_MAP)?,
+            members6: typed(get(MEMBERS6_MAP)?, MEMBERS6_MAP)?,
             names: typed(get(NAMES_MAP)?, NAMES_MAP)?,
         })
     }
@@ -196,6 +204,24 @@ impl MapStore for BpfMaps {
             Write::DeleteService(FrontendKey::V6(k)) => {
                 (SERVICES6_MAP, ignore_missing(self.services6.remove(k)))
             }
+            Write::PutMember(id, BackendAddr::V4(b)) => (
+                MEMBERS_MAP,
+                self.members
+                    .insert(BackendMember4Key::new(*id, b), BackendMember::MARKER, 0),
+            ),
+            Write::PutMember(id, BackendAddr::V6(b)) => (
+                MEMBERS6_MAP,
+                self.members6
+                    .insert(BackendMember6Key::new(*id, b), BackendMember::MARKER, 0),
+            ),
+            Write::DeleteMember(id, BackendAddr::V4(b)) => (
+                MEMBERS_MAP,
+                ignore_missing(self.members.remove(&BackendMember4Key::new(*id, b))),
+            ),
+            Write::DeleteMember(id, BackendAddr::V6(b)) => (
+                MEMBERS6_MAP,
+                ignore_missing(self.members6.remove(&BackendMember6Key::new(*id, b))),
+            ),
         };
         result.map_err(|error| match &error {
             MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
@@ -214,11 +240,21 @@ impl MapStore for BpfMaps {
                 .collect::<Result<_, _>>()
                 .with_context(|| format!("reading {name}"))
         }
+        fn keys<K: aya::Pod, V: aya::Pod>(
+            map: &HashMap<MapData, K, V>,
+            name: &str,
+        ) -> anyhow::Result<Vec<K>> {
+            map.keys()
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {name}"))
+        }
         Ok(Snapshot {
             services4: all(&self.services, SERVICES_MAP)?,
             backends4: all(&self.backends, BACKENDS_MAP)?,
             services6: all(&self.services6, SERVICES6_MAP)?,
             backends6: all(&self.backends6, BACKENDS6_MAP)?,
+            members4: keys(&self.members, MEMBERS_MAP)?,
+            members6: keys(&self.members6, MEMBERS6_MAP)?,
             names: all(&self.names, NAMES_MAP)?,
         })
     }
@@ -259,7 +295,7 @@ pub fn load_and_attach(
     fs::create_dir_all(pin_dir)
         .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
     check_pinned_layouts(pin_dir)?;
-    resize_socket_maps(pin_dir, socket_map_entries)?;
+    refit_socket_maps(pin_dir, socket_map_entries)?;
 
     let pin = |name: &str| pin_dir.join(name);
     let map_pins: Vec<(&str, PathBuf)> = MAPS
@@ -341,21 +377,20 @@ fn attach(
     Ok(())
 }
 
-/// Refuses maps pinned by an agent with another map layout: reusing them would misread every
-/// entry.
+/// Refuses maps the agent writes that were pinned by an agent with another map layout: reusing
+/// them would misread every entry. (The per-socket maps are replaced instead, by
+/// [`refit_socket_maps`].)
 fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
     let expected = [
-        (SERVICES_MAP, size_of::<Frontend4Key>(), size_of::<ServiceEntry>()),
-        (BACKENDS_MAP, size_of::<BackendSlotKey>(), size_of::<Backend4>()),
-        (SERVICES6_MAP, size_of::<Frontend6Key>(), size_of::<ServiceEntry>()),
-        (BACKENDS6_MAP, size_of::<BackendSlotKey>(), size_of::<Backend6>()),
-        (NAMES_MAP, size_of::<u32>(), size_of::<ServiceName>()),
-        (SOCKET_MAPS[0], size_of::<Reverse4Key>(), size_of::<ServiceAddr4>()),
-        (SOCKET_MAPS[1], size_of::<Reverse6Key>(), size_of::<ServiceAddr6>()),
-        (SOCKET_MAPS[2], size_of::<SockFrontend4Key>(), size_of::<SockBackend4>()),
-        (SOCKET_MAPS[3], size_of::<SockFrontend6Key>(), size_of::<SockBackend6>()),
+        (SERVICES_MAP, sizes::<Frontend4Key, ServiceEntry>()),
+        (BACKENDS_MAP, sizes::<BackendSlotKey, Backend4>()),
+        (MEMBERS_MAP, sizes::<BackendMember4Key, BackendMember>()),
+        (SERVICES6_MAP, sizes::<Frontend6Key, ServiceEntry>()),
+        (BACKENDS6_MAP, sizes::<BackendSlotKey, Backend6>()),
+        (MEMBERS6_MAP, sizes::<BackendMember6Key, BackendMember>()),
+        (NAMES_MAP, sizes::<u32, ServiceName>()),
     ];
-    for (name, key_size, value_size) in expected {
+    for (name, (key_size, value_size)) in expected {
         let path = pin_dir.join(name);
         if !path.exists() {
             continue;
@@ -377,18 +412,31 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A pinned per-socket map of another size than asked is unpinned, so the load creates one of the
-/// new size. The programs still attached keep the old map until their links are swapped; what is
-/// lost is only the per-socket state of sockets open across the restart (a reply in flight shows
-/// its Pod IP, a UDP socket may pick another backend).
-fn resize_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
-    for name in SOCKET_MAPS {
+/// A map's key and value sizes.
+fn sizes<K, V>() -> (usize, usize) {
+    (size_of::<K>(), size_of::<V>())
+}
+
+/// A pinned per-socket map of another size than asked, or with the key and value layout of
+/// another lb version, is unpinned, so the load creates a new one. The programs still attached
+/// keep the old map until their links are swapped; what is lost is only the per-socket state of
+/// sockets open across the restart (a reply in flight shows its Pod IP, a UDP socket may pick
+/// another backend).
+fn refit_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
+    let layouts = [
+        sizes::<Reverse4Key, ServiceAddr4>(),
+        sizes::<Reverse6Key, ServiceAddr6>(),
+        sizes::<SockFrontend4Key, SockBackend4>(),
+        sizes::<SockFrontend6Key, SockBackend6>(),
+    ];
+    for (name, (key_size, value_size)) in SOCKET_MAPS.into_iter().zip(layouts) {
         let path = pin_dir.join(name);
         if !path.exists() {
             continue;
         }
         let info = MapInfo::from_pin(&path)
             .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let pinned = (info.key_size() as usize, info.value_size() as usize);
         if info.max_entries() != entries {
             warn!(
                 map = name,
@@ -397,8 +445,18 @@ fn resize_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
                 "--socket-map-entries changed: replacing the map (per-socket state of open \
                  sockets is lost once)"
             );
-            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        } else if pinned != (key_size, value_size) {
+            warn!(
+                map = name,
+                pinned = ?pinned,
+                wanted = ?(key_size, value_size),
+                "its key/value sizes changed with this lb version: replacing the map \
+                 (per-socket state of open sockets is lost once)"
+            );
+        } else {
+            continue;
         }
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(())
 }

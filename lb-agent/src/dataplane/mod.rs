@@ -13,10 +13,10 @@ use std::{
 };
 
 use lb_common::{
-    Backend4, Backend6, BackendSlotKey, Frontend4Key, Frontend6Key, MAX_BACKENDS_PER_SERVICE,
-    ServiceEntry, ServiceName,
+    Backend4, Backend6, BackendMember4Key, BackendMember6Key, BackendSlotKey, Frontend4Key,
+    Frontend6Key, MAX_BACKENDS_PER_SERVICE, ServiceEntry, ServiceName,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::model::FrontendState;
 use crate::model::{Backend, DesiredState, Frontend, Protocol, ServicePortName};
@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub backends4: Vec<(BackendSlotKey, Backend4)>,
     pub services6: Vec<(Frontend6Key, ServiceEntry)>,
     pub backends6: Vec<(BackendSlotKey, Backend6)>,
+    /// Member keys only: the value is always [`lb_common::BackendMember::MARKER`].
+    pub members4: Vec<BackendMember4Key>,
+    pub members6: Vec<BackendMember6Key>,
     pub names: Vec<(u32, ServiceName)>,
 }
 
@@ -53,6 +56,19 @@ impl Snapshot {
     fn backend_slots(&self) -> impl Iterator<Item = (Family, BackendSlotKey)> + '_ {
         let v4 = self.backends4.iter().map(|(k, _)| (Family::V4, *k));
         let v6 = self.backends6.iter().map(|(k, _)| (Family::V6, *k));
+        v4.chain(v6)
+    }
+
+    /// Every member entry, as (service id, backend).
+    fn members(&self) -> impl Iterator<Item = (u32, BackendAddr)> + '_ {
+        let v4 = self
+            .members4
+            .iter()
+            .map(|k| (k.service_id, BackendAddr::V4(k.backend())));
+        let v6 = self
+            .members6
+            .iter()
+            .map(|k| (k.service_id, BackendAddr::V6(k.backend())));
         v4.chain(v6)
     }
 
@@ -256,8 +272,10 @@ impl<S: MapStore> Dataplane<S> {
         wanted
     }
 
-    /// Rebuilds the view of the maps from the maps, and deletes slots and names that no service
-    /// entry reaches (left by an agent that stopped mid-change).
+    /// Rebuilds the view of the maps from the maps, and deletes slots, members and names that no
+    /// service entry reaches (left by an agent that stopped mid-change). Members missing for a
+    /// backend in a slot below the count (maps of a version without member maps) are written, so
+    /// the sockets that have such a backend keep it.
     fn reload(&mut self) -> anyhow::Result<()> {
         let snapshot = self.store.snapshot()?;
         let programmed = snapshot.frontends();
@@ -267,6 +285,13 @@ impl<S: MapStore> Dataplane<S> {
             .map(|(k, p)| ((k.family(), p.service_id), p.slots.len()))
             .collect();
         let ids: BTreeSet<u32> = programmed.values().map(|p| p.service_id).collect();
+        // The member entries the maps should hold: one per backend in a slot below a count. A
+        // backend's family is its frontend's, so (id, backend) also says which map.
+        let members: BTreeSet<(u32, BackendAddr)> = programmed
+            .values()
+            .flat_map(|p| p.slots.iter().flatten().map(|b| (p.service_id, *b)))
+            .collect();
+        let present: BTreeSet<(u32, BackendAddr)> = snapshot.members().collect();
         let orphans = snapshot
             .backend_slots()
             .filter(|(family, k)| {
@@ -275,6 +300,11 @@ impl<S: MapStore> Dataplane<S> {
                     .is_none_or(|&count| k.slot as usize >= count)
             })
             .map(|(family, k)| Write::DeleteBackend(family, k))
+            .chain(
+                present
+                    .difference(&members)
+                    .map(|(id, b)| Write::DeleteMember(*id, *b)),
+            )
             .chain(
                 snapshot
                     .names
@@ -285,6 +315,20 @@ impl<S: MapStore> Dataplane<S> {
             .collect::<Vec<_>>();
         for write in orphans {
             debug!(?write, "removing unreachable map entry");
+            self.store.write(&write)?;
+        }
+        let missing = members
+            .difference(&present)
+            .map(|(id, b)| Write::PutMember(*id, *b))
+            .collect::<Vec<_>>();
+        if !missing.is_empty() {
+            info!(
+                count = missing.len(),
+                "adding the member entries of backends in use that the maps lack (maps left by an \
+                 lb version without member maps)"
+            );
+        }
+        for write in missing {
             self.store.write(&write)?;
         }
         self.programmed = programmed;

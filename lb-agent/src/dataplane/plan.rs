@@ -3,19 +3,30 @@
 //! # Update order
 //!
 //! A connect reads a frontend's entry (id, count), picks a slot below the count, then reads that
-//! slot. So that it never reads a missing or half-written backend set, each frontend's writes go:
+//! slot. A datagram of an unconnected UDP socket that already has a backend for the frontend
+//! reads the entry, then asks the member map whether `(id, backend)` is still in the set, and
+//! keeps that backend if it is. So that neither ever reads a missing or half-written backend set,
+//! and so that every backend reachable through a slot below the count has its member entry, each
+//! frontend's writes go:
 //!
-//! - **added**: name, then backend slots `0..n`, then the service entry (count `n`) that makes them
-//!   reachable;
-//! - **updated**: changed slots below the new count, then the entry with the new count, then the
-//!   slots at or above the new count (now unreachable) are deleted;
-//! - **removed**: the entry first (connects stop matching), then its slots, then its name.
+//! - **added**: name, then the members of its backends, then backend slots `0..n`, then the
+//!   service entry (count `n`) that makes them reachable;
+//! - **updated**: the members of joining backends, then the changed slots below the new count,
+//!   then the entry with the new count, then the slots at or above the new count (now
+//!   unreachable) are deleted, then the members of departed backends (now in no slot below the
+//!   count);
+//! - **removed**: the entry first (connects and datagrams stop matching), then its slots, then
+//!   its members, then its name.
 //!
 //! While an update runs, a connect may still reach a backend of the old set (a slot not yet
-//! rewritten, or one below the old count); once the entry is written no connect can. Each slot and
-//! entry write is a single map update, so it is seen whole or not at all.
+//! rewritten, or one below the old count), and a socket that had a departed backend keeps it until
+//! its member entry goes; once the plan is done neither can. Each slot, member and entry write is
+//! a single map update, so it is seen whole or not at all.
 //!
-//! Backends that stay keep their slot, so an endpoint change rewrites only the slots it touches.
+//! Backends that stay keep their slot, so an endpoint change rewrites only the slots it touches,
+//! plus one member write per backend that joins or leaves. When the set shrinks, the last backends
+//! move down into the freed slots; a backend that moves keeps its member entry untouched (no
+//! write), so the sockets that had it keep it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -80,8 +91,12 @@ pub enum Write {
     PutName(u32, Box<ServiceName>),
     PutBackend(BackendSlotKey, BackendAddr),
     PutService(FrontendKey, ServiceEntry),
+    /// `(service id, backend)` is in the service's set; the backend's family says which member
+    /// map.
+    PutMember(u32, BackendAddr),
     DeleteService(FrontendKey),
     DeleteBackend(Family, BackendSlotKey),
+    DeleteMember(u32, BackendAddr),
     DeleteName(u32),
 }
 
@@ -140,6 +155,7 @@ pub fn plan(programmed: &Programmed, wanted: &Wanted, scope: Scope) -> Vec<Front
 fn add(frontend: FrontendKey, want: &WantedFrontend, service_id: u32) -> FrontendChange {
     let slots: Vec<BackendAddr> = want.backends.iter().copied().collect();
     let mut writes = vec![Write::PutName(service_id, Box::new(want.name))];
+    writes.extend(slots.iter().map(|b| Write::PutMember(service_id, *b)));
     writes.extend(
         slots
             .iter()
@@ -170,6 +186,13 @@ fn update(
     if current.name != want.name {
         writes.push(Write::PutName(id, Box::new(want.name)));
     }
+    // A backend that stays, in whichever slot, keeps its member entry.
+    let before: BTreeSet<BackendAddr> = current.slots.iter().flatten().copied().collect();
+    writes.extend(
+        want.backends
+            .difference(&before)
+            .map(|b| Write::PutMember(id, *b)),
+    );
     for (slot, backend) in slots.iter().enumerate() {
         if current.slots.get(slot).copied().flatten() != Some(*backend) {
             writes.push(Write::PutBackend(slot_key(id, slot), *backend));
@@ -182,6 +205,11 @@ fn update(
     writes.extend(
         (slots.len()..current.slots.len())
             .map(|slot| Write::DeleteBackend(family, slot_key(id, slot))),
+    );
+    writes.extend(
+        before
+            .difference(&want.backends)
+            .map(|b| Write::DeleteMember(id, *b)),
     );
     if writes.is_empty() {
         return None;
@@ -205,6 +233,8 @@ fn remove(frontend: FrontendKey, current: &ProgrammedFrontend) -> FrontendChange
     writes.extend(
         (0..current.slots.len()).map(|slot| Write::DeleteBackend(family, slot_key(id, slot))),
     );
+    let members: BTreeSet<BackendAddr> = current.slots.iter().flatten().copied().collect();
+    writes.extend(members.into_iter().map(|b| Write::DeleteMember(id, b)));
     writes.push(Write::DeleteName(id));
     FrontendChange {
         frontend,
@@ -338,53 +368,145 @@ mod tests {
         assert_eq!(lasts(&relayout(&[Some(b(1)), None], &set(&[1, 2]))), [1, 2]);
     }
 
-    #[test]
-    fn unchanged_frontend_plans_nothing_and_one_endpoint_change_one_write() {
-        let fe = FrontendKey::V4(Frontend4Key {
+    fn fe() -> FrontendKey {
+        FrontendKey::V4(Frontend4Key {
             address: [10, 96, 0, 10],
             port: 80,
             protocol: 6,
             _pad: 0,
-        });
-        let name = ServiceName::new("shop", "web", "http");
-        let programmed: Programmed = [(
-            fe,
+        })
+    }
+
+    fn name() -> ServiceName {
+        ServiceName::new("shop", "web", "http")
+    }
+
+    /// Frontend [`fe`] programmed with id 7 and these backends in slot order.
+    fn programmed(lasts: &[u8]) -> Programmed {
+        [(
+            fe(),
             ProgrammedFrontend {
                 service_id: 7,
-                name,
-                slots: current(&[1, 2, 3]),
+                name: name(),
+                slots: current(lasts),
             },
         )]
-        .into();
-        let same: Wanted = [(
-            fe,
-            WantedFrontend {
-                name,
-                backends: set(&[1, 2, 3]),
-            },
-        )]
-        .into();
-        assert!(plan(&programmed, &same, Scope::All).is_empty());
+        .into()
+    }
 
-        let swapped: Wanted = [(
-            fe,
+    fn wanted(lasts: &[u8]) -> Wanted {
+        [(
+            fe(),
             WantedFrontend {
-                name,
-                backends: set(&[1, 2, 4]),
+                name: name(),
+                backends: set(lasts),
             },
         )]
-        .into();
-        let changes = plan(&programmed, &swapped, Scope::All);
+        .into()
+    }
+
+    fn slot(slot: u32) -> BackendSlotKey {
+        BackendSlotKey {
+            service_id: 7,
+            slot,
+        }
+    }
+
+    fn only_writes(changes: &[FrontendChange]) -> &[Write] {
         assert_eq!(changes.len(), 1);
+        &changes[0].writes
+    }
+
+    #[test]
+    fn unchanged_frontend_plans_nothing_and_one_endpoint_change_one_slot_write() {
+        assert!(plan(&programmed(&[1, 2, 3]), &wanted(&[1, 2, 3]), Scope::All).is_empty());
+
+        let changes = plan(&programmed(&[1, 2, 3]), &wanted(&[1, 2, 4]), Scope::All);
         assert_eq!(
-            changes[0].writes,
-            [Write::PutBackend(
-                BackendSlotKey {
-                    service_id: 7,
-                    slot: 2
-                },
-                b(4)
-            )]
+            only_writes(&changes),
+            [
+                Write::PutMember(7, b(4)),
+                Write::PutBackend(slot(2), b(4)),
+                Write::DeleteMember(7, b(3)),
+            ]
+        );
+    }
+
+    #[test]
+    fn added_frontend_writes_members_and_slots_before_its_entry() {
+        let changes = plan(&Programmed::new(), &wanted(&[1, 2]), Scope::All);
+        assert_eq!(
+            only_writes(&changes),
+            [
+                Write::PutName(1, Box::new(name())),
+                Write::PutMember(1, b(1)),
+                Write::PutMember(1, b(2)),
+                Write::PutBackend(
+                    BackendSlotKey {
+                        service_id: 1,
+                        slot: 0
+                    },
+                    b(1)
+                ),
+                Write::PutBackend(
+                    BackendSlotKey {
+                        service_id: 1,
+                        slot: 1
+                    },
+                    b(2)
+                ),
+                Write::PutService(fe(), entry(1, 2)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_backend_that_moves_slot_keeps_its_member_entry() {
+        // 2 and 4 leave; 5, the last, moves from slot 4 into the hole at slot 1.
+        let changes = plan(
+            &programmed(&[1, 2, 3, 4, 5]),
+            &wanted(&[1, 3, 5]),
+            Scope::All,
+        );
+        assert_eq!(
+            only_writes(&changes),
+            [
+                Write::PutBackend(slot(1), b(5)),
+                Write::PutService(fe(), entry(7, 3)),
+                Write::DeleteBackend(Family::V4, slot(3)),
+                Write::DeleteBackend(Family::V4, slot(4)),
+                Write::DeleteMember(7, b(2)),
+                Write::DeleteMember(7, b(4)),
+            ]
+        );
+    }
+
+    #[test]
+    fn growing_writes_members_of_new_backends_before_their_slots() {
+        let changes = plan(&programmed(&[1]), &wanted(&[1, 2]), Scope::All);
+        assert_eq!(
+            only_writes(&changes),
+            [
+                Write::PutMember(7, b(2)),
+                Write::PutBackend(slot(1), b(2)),
+                Write::PutService(fe(), entry(7, 2)),
+            ]
+        );
+    }
+
+    #[test]
+    fn removed_frontend_deletes_its_members_after_its_entry() {
+        let changes = plan(&programmed(&[1, 2]), &Wanted::new(), Scope::All);
+        assert_eq!(
+            only_writes(&changes),
+            [
+                Write::DeleteService(fe()),
+                Write::DeleteBackend(Family::V4, slot(0)),
+                Write::DeleteBackend(Family::V4, slot(1)),
+                Write::DeleteMember(7, b(1)),
+                Write::DeleteMember(7, b(2)),
+                Write::DeleteName(7),
+            ]
         );
     }
 }

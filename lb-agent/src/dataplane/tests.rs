@@ -1,6 +1,9 @@
 //! The dataplane against an in-memory store that, after every single write, checks what a connect
-//! could see: every frontend's slots `0..count` are present, and each holds a backend of the old
-//! or the new set, never anything else.
+//! and a datagram could see: every frontend's slots `0..count` are present, each holds a backend
+//! of the old or the new set, never anything else, and has its member entry; no member entry of a
+//! visible frontend names a backend outside the old and new sets; and a backend in both keeps its
+//! member entry throughout (so an unconnected socket that has it keeps it). After each apply, the
+//! member entries are exactly the backends in the slots.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,12 +17,19 @@ use crate::model::FrontendState;
 struct MemStore {
     services: BTreeMap<FrontendKey, ServiceEntry>,
     backends: BTreeMap<(Family, BackendSlotKey), BackendAddr>,
+    /// (service id, backend); the backend's family says which member map.
+    members: BTreeSet<(u32, BackendAddr)>,
     names: BTreeMap<u32, ServiceName>,
     writes: usize,
+    /// Every write, in order.
+    log: Vec<Write>,
     /// Fails writes of a service entry for this port.
     fail_port: Option<u16>,
     /// Backends each frontend port may show during the current apply.
     allowed: BTreeMap<u16, BTreeSet<BackendAddr>>,
+    /// Backends each frontend port has before and after the current apply: a socket that has one
+    /// must keep it all along.
+    staying: BTreeMap<u16, BTreeSet<BackendAddr>>,
     violations: Vec<String>,
 }
 
@@ -35,8 +45,11 @@ impl MapStore for MemStore {
             Write::DeleteService(k) => drop(self.services.remove(k)),
             Write::DeleteBackend(f, k) => drop(self.backends.remove(&(*f, *k))),
             Write::DeleteName(id) => drop(self.names.remove(id)),
+            Write::PutMember(id, b) => drop(self.members.insert((*id, *b))),
+            Write::DeleteMember(id, b) => drop(self.members.remove(&(*id, *b))),
         }
         self.writes += 1;
+        self.log.push(write.clone());
         self.check_connect_view();
         Ok(())
     }
@@ -56,6 +69,12 @@ impl MapStore for MemStore {
             match backend {
                 BackendAddr::V4(b) => snapshot.backends4.push((*key, *b)),
                 BackendAddr::V6(b) => snapshot.backends6.push((*key, *b)),
+            }
+        }
+        for (id, backend) in &self.members {
+            match backend {
+                BackendAddr::V4(b) => snapshot.members4.push(BackendMember4Key::new(*id, b)),
+                BackendAddr::V6(b) => snapshot.members6.push(BackendMember6Key::new(*id, b)),
             }
         }
         Ok(snapshot)
@@ -96,10 +115,82 @@ impl MemStore {
                             self.violations
                                 .push(format!("port {port}: slot {slot} holds {b:?}"));
                         }
+                        if !self.members.contains(&(entry.service_id, *b)) {
+                            self.violations.push(format!(
+                                "port {port}: slot {slot} holds {b:?}, which has no member entry"
+                            ));
+                        }
                     }
                 }
             }
         }
+        self.check_datagram_view();
+    }
+
+    /// What a datagram of a socket that already has a backend could see: it keeps the backend
+    /// while the frontend's entry has the same id and the member entry exists.
+    fn check_datagram_view(&mut self) {
+        for (frontend, entry) in &self.services {
+            let port = port(frontend);
+            let id = entry.service_id;
+            if entry.backend_count > 0
+                && let Some(allowed) = self.allowed.get(&port)
+            {
+                let members = self.members.range((id, MIN_BACKEND)..);
+                for (_, b) in members.take_while(|m| m.0 == id) {
+                    // A datagram asks its own family's member map only.
+                    if family(b) == frontend.family() && !allowed.contains(b) {
+                        self.violations
+                            .push(format!("port {port}: a socket may keep {b:?}"));
+                    }
+                }
+            }
+            for b in self.staying.get(&port).into_iter().flatten() {
+                if !self.members.contains(&(id, *b)) {
+                    self.violations.push(format!(
+                        "port {port}: {b:?} stays in the set but lost its member entry"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// After an apply: a member entry for each backend in a slot below a count, and no other.
+    fn assert_members_match_slots(&self) {
+        let mut want = BTreeSet::new();
+        for (frontend, entry) in &self.services {
+            for slot in 0..u32::from(entry.backend_count) {
+                let key = BackendSlotKey {
+                    service_id: entry.service_id,
+                    slot,
+                };
+                if let Some(b) = self.backends.get(&(frontend.family(), key)) {
+                    want.insert((entry.service_id, *b));
+                }
+            }
+        }
+        assert_eq!(
+            self.members, want,
+            "member entries differ from the backend sets"
+        );
+    }
+
+    /// The member writes among the writes from `from` on.
+    fn member_writes(&self, from: usize) -> Vec<&Write> {
+        self.log[from..]
+            .iter()
+            .filter(|w| matches!(w, Write::PutMember(..) | Write::DeleteMember(..)))
+            .collect()
+    }
+
+    /// The service id of the frontend on `port`.
+    fn id(&self, port: u16) -> u32 {
+        self.services
+            .iter()
+            .find(|(k, _)| self::port(k) == port)
+            .unwrap()
+            .1
+            .service_id
     }
 
     /// Backends a connect to `port` (of either family) reaches, as a set.
@@ -125,6 +216,13 @@ fn backend(last: u8) -> Backend {
         port: 8080,
     }
 }
+
+/// The lowest backend address, to range over one service id's members.
+const MIN_BACKEND: BackendAddr = BackendAddr::V4(Backend4 {
+    address: [0; 4],
+    port: 0,
+    _pad: 0,
+});
 
 fn backend4(last: u8) -> BackendAddr {
     BackendAddr::V4(Backend4 {
@@ -165,24 +263,30 @@ fn desired(frontends: &[(u16, &[u8])]) -> DesiredState {
     }
 }
 
-/// Applies `next`, allowing connects to see old ∪ new backends meanwhile, and checks that
-/// afterwards they see exactly the new ones.
+/// Applies `next`, allowing connects and datagrams to see old ∪ new backends meanwhile and
+/// requiring the backends in both to keep their member entries, and checks that afterwards they
+/// see exactly the new ones.
 fn step(dp: &mut Dataplane<MemStore>, next: &[(u16, &[u8])]) -> ApplyReport {
     for (port, lasts) in next {
-        let allowed = dp.store.allowed.entry(*port).or_default();
-        allowed.extend(lasts.iter().map(|&l| backend4(l)));
+        let new: BTreeSet<BackendAddr> = lasts.iter().map(|&l| backend4(l)).collect();
+        let old = dp.store.reachable(*port).unwrap_or_default();
+        let staying = old.intersection(&new).copied().collect();
+        dp.store.staying.insert(*port, staying);
+        dp.store.allowed.entry(*port).or_default().extend(new);
     }
     let report = dp.apply(&desired(next));
+    dp.store.staying.clear();
     assert_eq!(
         dp.store.violations,
         Vec::<String>::new(),
-        "a connect saw a bad set"
+        "a connect or a datagram saw a bad set"
     );
     for (port, lasts) in next {
         let want: BTreeSet<BackendAddr> = lasts.iter().map(|&l| backend4(l)).collect();
         assert_eq!(dp.store.reachable(*port), Some(want.clone()));
         dp.store.allowed.insert(*port, want);
     }
+    dp.store.assert_members_match_slots();
     report
 }
 
@@ -208,7 +312,58 @@ fn scaling_never_exposes_a_missing_or_foreign_slot() {
         1,
         "no slot of a removed or shrunk set is left"
     );
+    assert_eq!(
+        dp.store.members.len(),
+        1,
+        "no member of a removed or shrunk set is left"
+    );
     assert_eq!(dp.store.names.len(), 1);
+}
+
+#[test]
+fn a_backend_that_moves_slot_keeps_its_member_entry_untouched() {
+    let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
+    step(&mut dp, &[(80, &[1, 2, 3, 4, 5])]);
+    let id = dp.store.id(80);
+    let slot_of = |dp: &Dataplane<MemStore>, b: BackendAddr| {
+        dp.store
+            .backends
+            .iter()
+            .find(|(_, v)| **v == b)
+            .map(|((_, k), _)| k.slot)
+    };
+    assert_eq!(slot_of(&dp, backend4(5)), Some(4));
+
+    let from = dp.store.log.len();
+    // step() also checks, after every write, that 1, 3 and 5 keep their member entries.
+    step(&mut dp, &[(80, &[1, 3, 5])]);
+    assert_eq!(slot_of(&dp, backend4(5)), Some(1), "5 moved into 2's slot");
+    assert_eq!(
+        dp.store.member_writes(from),
+        [
+            &Write::DeleteMember(id, backend4(2)),
+            &Write::DeleteMember(id, backend4(4)),
+        ],
+        "only the departed backends' members are written"
+    );
+}
+
+#[test]
+fn departed_backends_lose_their_members_and_new_ones_gain_them() {
+    let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
+    step(&mut dp, &[(80, &[1, 2, 3])]);
+    let id = dp.store.id(80);
+    step(&mut dp, &[(80, &[1])]);
+    assert_eq!(dp.store.members, [(id, backend4(1))].into());
+    step(&mut dp, &[(80, &[4, 5])]);
+    assert_eq!(
+        dp.store.members,
+        [(id, backend4(4)), (id, backend4(5))].into()
+    );
+    step(&mut dp, &[(80, &[])]);
+    assert!(dp.store.members.is_empty(), "an empty set has no members");
+    step(&mut dp, &[]);
+    assert!(dp.store.services.is_empty() && dp.store.members.is_empty());
 }
 
 #[test]
@@ -222,12 +377,26 @@ fn applying_the_same_state_writes_nothing() {
 }
 
 #[test]
-fn one_endpoint_change_is_one_slot_write() {
+fn one_endpoint_change_is_one_slot_write_and_two_member_writes() {
     let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
     step(&mut dp, &[(80, &[1, 2, 3, 4])]);
     let writes = dp.store.writes;
     step(&mut dp, &[(80, &[1, 2, 5, 4])]);
-    assert_eq!(dp.store.writes - writes, 1);
+    let id = dp.store.id(80);
+    assert_eq!(
+        dp.store.log[writes..],
+        [
+            Write::PutMember(id, backend4(5)),
+            Write::PutBackend(
+                BackendSlotKey {
+                    service_id: id,
+                    slot: 2
+                },
+                backend4(5)
+            ),
+            Write::DeleteMember(id, backend4(3)),
+        ]
+    );
 }
 
 #[test]
@@ -265,9 +434,23 @@ fn adopting_maps_keeps_them_and_removes_only_unreachable_entries() {
         backend4(9),
     );
     store.names.insert(999, ServiceName::new("x", "y", ""));
+    // Member leftovers: of an unknown id, of a backend in no slot (only above the count), and
+    // in the other family's map; and a member the maps lack (maps of a version without them).
+    let id81 = store.id(81);
+    let v6 = BackendAddr::V6(Backend6 {
+        address: [0xfd; 16],
+        port: 8080,
+        _pad: 0,
+    });
+    store
+        .members
+        .extend([(999, backend4(9)), (id80, backend4(9)), (id80, v6)]);
+    assert!(store.members.remove(&(id81, backend4(4))));
     let services_before = store.services.clone();
 
     let mut second = Dataplane::adopt(store).unwrap();
+    // The store checked the broken maps while adoption repaired them; from here on it must hold.
+    second.store.violations.clear();
     assert_eq!(
         second.store.services, services_before,
         "adoption changes no service"
@@ -278,6 +461,8 @@ fn adopting_maps_keeps_them_and_removes_only_unreachable_entries() {
         "the two unreachable slots are gone"
     );
     assert!(!second.store.names.contains_key(&999));
+    second.store.assert_members_match_slots();
+    assert_eq!(second.store.members.len(), 4);
 
     let writes = second.store.writes;
     let r = step(&mut second, &[(80, &[1, 2, 3]), (81, &[4])]);
@@ -408,6 +593,7 @@ fn applying_changes_touches_only_those_frontends_and_never_reuses_an_id() {
         unique.len(),
         "two frontends share a service id: {ids:?}"
     );
-    // 80: one slot; 81: entry, slot, name; 83: name, slot, entry.
-    assert_eq!(dp.store.writes - writes, 7);
+    // 80: member, slot, member; 81: entry, slot, member, name; 83: name, member, slot, entry.
+    assert_eq!(dp.store.writes - writes, 11);
+    dp.store.assert_members_match_slots();
 }
