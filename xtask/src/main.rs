@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use xtask::testbed::{exec, probe};
+use xtask::testbed::{dns_query, exec, probe};
 
 #[derive(Parser)]
 #[command(about = "lb's build, demo and test tasks (start with xtask/run on a new machine)")]
@@ -53,6 +53,9 @@ enum Task {
     /// (testbed) run a program in a namespace and cgroup, with the testbed's resolv.conf.
     #[command(hide = true)]
     Exec(exec::ExecArgs),
+    /// (testbed) one DNS query on an unconnected UDP socket; prints the answer and its source.
+    #[command(hide = true)]
+    DnsQuery(dns_query::DnsQueryArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         }),
         Task::Probe(args) => probe::run(&args),
         Task::Exec(args) => exec::run(&args),
+        Task::DnsQuery(args) => dns_query::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,8 +176,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             ],
         ),
         (
+            // The testbed's self-check first, so a testbed fault reads as one, not as lb's.
             "end-to-end tests (root: veth namespaces, BPF)",
-            &["--package", "xtask", "--test", "e2e"],
+            &[
+                "--package",
+                "xtask",
+                "--test",
+                "testbed_selfcheck",
+                "--test",
+                "e2e",
+            ],
         ),
     ];
     for (what, selection) in runs {

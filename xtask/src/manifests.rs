@@ -1,6 +1,6 @@
 //! Service and EndpointSlice manifests, written the way `kubectl get -o yaml` shows them.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
@@ -33,21 +33,47 @@ impl<'a> Port<'a> {
 }
 
 pub fn service(namespace: &str, name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> String {
-    let ports: Vec<Value> = ports
-        .iter()
-        .map(|p| json!({"name": p.name, "protocol": p.protocol, "port": p.port, "targetPort": p.target}))
-        .collect();
     to_yaml(json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip.to_string(), "ports": ports},
+        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip.to_string(), "ports": service_ports(ports)},
     }))
+}
+
+/// A dual-stack Service: a ClusterIP of each family (`ipFamilies: [IPv4, IPv6]`).
+pub fn dual_stack_service(
+    namespace: &str,
+    name: &str,
+    cluster_ips: (Ipv4Addr, Ipv6Addr),
+    ports: &[Port],
+) -> String {
+    let (v4, v6) = (cluster_ips.0.to_string(), cluster_ips.1.to_string());
+    to_yaml(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": v4,
+            "clusterIPs": [v4, v6],
+            "ipFamilies": ["IPv4", "IPv6"],
+            "ipFamilyPolicy": "RequireDualStack",
+            "ports": service_ports(ports),
+        },
+    }))
+}
+
+fn service_ports(ports: &[Port]) -> Vec<Value> {
+    ports
+        .iter()
+        .map(|p| json!({"name": p.name, "protocol": p.protocol, "port": p.port, "targetPort": p.target}))
+        .collect()
 }
 
 /// An endpoint and its conditions (`None`: left out, which the API reads as ready).
 pub struct Endpoint<'a> {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub pod: &'a str,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
@@ -55,9 +81,9 @@ pub struct Endpoint<'a> {
 }
 
 impl<'a> Endpoint<'a> {
-    pub fn ready(ip: Ipv4Addr, pod: &'a str) -> Self {
+    pub fn ready(ip: impl Into<IpAddr>, pod: &'a str) -> Self {
         Self {
-            ip,
+            ip: ip.into(),
             pod,
             ready: Some(true),
             serving: Some(true),
@@ -66,7 +92,8 @@ impl<'a> Endpoint<'a> {
     }
 }
 
-/// Slice ports: name, port, protocol.
+/// Slice ports: name, port, protocol. The slice's `addressType` is its endpoints' family (IPv4
+/// when it has none).
 pub fn endpoint_slice(
     namespace: &str,
     name: &str,
@@ -74,6 +101,10 @@ pub fn endpoint_slice(
     ports: &[(&str, u16, &str)],
     endpoints: &[Endpoint],
 ) -> String {
+    let address_type = match endpoints.first().map(|e| e.ip) {
+        Some(IpAddr::V6(_)) => "IPv6",
+        _ => "IPv4",
+    };
     let ports: Vec<Value> = ports
         .iter()
         .map(|(name, port, protocol)| json!({"name": name, "port": port, "protocol": protocol}))
@@ -102,7 +133,7 @@ pub fn endpoint_slice(
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": namespace, "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
+        "addressType": address_type,
         "ports": ports,
         "endpoints": endpoints,
     }))

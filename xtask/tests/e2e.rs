@@ -35,6 +35,12 @@ fn web() -> SocketAddr {
     SocketAddr::from((WEB_IP, 80))
 }
 
+// Beside this file rather than in tests/, where cargo would take them for test targets.
+#[path = "e2e/dns.rs"]
+mod dns;
+#[path = "e2e/sockets.rs"]
+mod sockets;
+
 type E2eTest = fn() -> anyhow::Result<()>;
 
 fn main() {
@@ -76,7 +82,34 @@ fn main() {
             "list_shows_the_maps_and_reset_removes_the_datapath",
             list_and_reset,
         ),
-        ("dual_stack_service_lists_its_ipv6_frontend", dual_stack),
+        (
+            "unconnected_udp_replies_come_from_the_cluster_ip_and_each_socket_keeps_its_backend",
+            sockets::unconnected_udp,
+        ),
+        (
+            "unconnected_udp_sockets_stay_on_a_backend_that_moves_slot_and_leave_a_removed_one",
+            sockets::udp_backend_changes,
+        ),
+        (
+            "udp_to_a_service_without_endpoints_is_refused_and_other_datagrams_are_untouched",
+            sockets::udp_refused_and_untouched,
+        ),
+        (
+            "getpeername_shows_the_cluster_ip_for_tcp_and_udp_on_both_families",
+            sockets::getpeername,
+        ),
+        (
+            "ipv6_ipv4_mapped_and_dual_stack_clusterips_reach_their_own_family",
+            sockets::ipv6_and_dual_stack,
+        ),
+        (
+            "names_resolve_through_kube_dns_with_glibc_musl_and_raw_udp_over_both_families",
+            dns::resolvers,
+        ),
+        (
+            "a_service_is_fetched_by_its_short_name_as_in_a_pod",
+            dns::fetch_by_name,
+        ),
         (
             "kube_source_follows_the_real_wire_format_and_relists_after_410",
             kube_wire_format,
@@ -818,56 +851,3 @@ fn kube_restart() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dual_stack() -> anyhow::Result<()> {
-    let mut tb = testbed(&[])?;
-    tb.write_manifest(
-        "web.yaml",
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:96::10"]
-  ipFamilies: [IPv4, IPv6]
-  ports: [{name: http, port: 80}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-v4, namespace: demo, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.244.1.1]}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-v6, namespace: demo, labels: {kubernetes.io/service-name: web}}
-addressType: IPv6
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: ["fd00:244::1"]}]
-"#,
-    )?;
-    let synced = tb
-        .start_agent()?
-        .wait_for(SYNCED, 0, Duration::from_secs(1))?;
-    ensure!(synced.contains("ipv6=1"), "{synced}");
-    let got = listing(&tb)?;
-    let expected: BTreeMap<String, (String, Vec<String>)> = [
-        (
-            "10.96.0.10:80/TCP".to_owned(),
-            entry("demo/web:http", &["10.244.1.1:8080"]),
-        ),
-        (
-            "fd00:96::10:80/TCP".to_owned(),
-            entry("demo/web:http", &["fd00:244::1:8080"]),
-        ),
-    ]
-    .into();
-    ensure!(got == expected, "{got:#?}");
-    let table = tb.agent_command(&["list"])?;
-    ensure!(
-        table.contains("[fd00:96::10]:80/TCP") && table.contains("[fd00:244::1]:8080"),
-        "{table}"
-    );
-    Ok(())
-}

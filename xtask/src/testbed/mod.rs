@@ -20,6 +20,7 @@ pub mod agent;
 pub mod cleanup;
 pub mod clients;
 pub mod dns;
+pub mod dns_query;
 pub mod exec;
 pub mod fake_api;
 pub mod netns;
