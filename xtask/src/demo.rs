@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the exercise a Kubernetes user runs when learning Services, on one machine
-//! with no cluster. A web Deployment of 3 behind a ClusterIP, fetched through it; scaled to 5 and
-//! to 2 by rewriting its EndpointSlice; a Service without endpoints; `lb-agent list`.
+//! with no cluster. A web Deployment of 3 behind a ClusterIP, fetched through it and by name
+//! through the kube-dns Service (dnsmasq as the DNS pod); scaled to 5 and to 2 by rewriting its
+//! EndpointSlice; a Service without endpoints; `lb-agent list`.
 
 use std::{
     collections::BTreeMap,
@@ -12,12 +13,21 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize as _;
 use serde_yaml::Value;
-use xtask::testbed::{PodSpec, Testbed, agent::SYNCED, probe::Attempt};
+use xtask::testbed::{PodSpec, Resolv, Testbed, agent::SYNCED, clients, probe::Attempt};
 
 const EXAMPLE: &str = "web.yaml";
 const WEB: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 10), 80);
 const CACHE: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 20), 6379);
 const POD_PORT: u16 = 8080;
+/// kube-dns's ClusterIPs and its pod's address, as deploy/examples/kube-dns.yaml has them.
+const DNS_IPS: [&str; 2] = ["10.96.0.53", "fd00:96::53"];
+const DNS_POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 53);
+/// What the DNS pod answers: the demo's Services by their full names.
+const RECORDS: [(&str, &str); 3] = [
+    ("web.demo.svc.cluster.local", "10.96.0.10"),
+    ("cache.demo.svc.cluster.local", "10.96.0.20"),
+    ("kube-dns.kube-system.svc.cluster.local", "10.96.0.53"),
+];
 
 fn step(text: &str) {
     eprintln!("\n==> {text}");
@@ -41,7 +51,23 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     );
 
     step(
-        "starting lb-agent on deploy/examples: Service demo/web (10.96.0.10:80) with 3 ready endpoints, demo/cache (10.96.0.20:6379) with none",
+        "creating the DNS pod coredns-1 (10.244.1.53, fd00:244:1::35): dnsmasq from Debian, answering for the demo's Services",
+    );
+    let records: Vec<(&str, std::net::IpAddr)> = RECORDS
+        .iter()
+        .map(|(name, ip)| Ok((*name, ip.parse()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let dns_pod = PodSpec {
+        name: "coredns-1".into(),
+        ip: DNS_POD_IP,
+        tcp_ports: vec![],
+        udp_ports: vec![],
+        echo_ports: vec![],
+    };
+    tb.add_dns_pod(&dns_pod, &records)?;
+
+    step(
+        "starting lb-agent on deploy/examples: Service demo/web (10.96.0.10:80) with 3 ready endpoints, demo/cache (10.96.0.20:6379) with none, kube-system/kube-dns (10.96.0.53 and fd00:96::53, UDP and TCP 53) in front of coredns-1",
     );
     for entry in std::fs::read_dir(&examples)? {
         let path = entry?.path();
@@ -52,6 +78,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     tb.start_agent()?;
 
     fetch(&tb, 10)?;
+    by_name(&tb)?;
 
     for replicas in [5, 2] {
         step(&format!(
@@ -92,6 +119,17 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         .context("running bpftool")?;
     eprint!("{}", indent(&String::from_utf8_lossy(&dump.stdout)));
 
+    step(&format!(
+        "bpftool cgroup show {} (lb's eight programs on the client's cgroup)",
+        tb.cgroup().display()
+    ));
+    let programs = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(tb.cgroup())
+        .output()
+        .context("running bpftool")?;
+    eprint!("{}", indent(&String::from_utf8_lossy(&programs.stdout)));
+
     step("stopping the agent and removing the namespaces, cgroup and pins");
     tb.stop_agent()?;
     drop(tb);
@@ -117,6 +155,62 @@ fn fetch(tb: &Testbed, count: u32) -> anyhow::Result<()> {
     }
     let summary: Vec<String> = tally.iter().map(|(pod, n)| format!("{pod}: {n}")).collect();
     eprintln!("    answered by {}", summary.join(", "));
+    Ok(())
+}
+
+/// Resolves and fetches `web` by name from the client, as the seed's `wget -qO- web` in a Pod:
+/// the client's resolv.conf names kube-dns's ClusterIPs, as kubelet writes it.
+fn by_name(tb: &Testbed) -> anyhow::Result<()> {
+    let nameservers: Vec<std::net::IpAddr> = DNS_IPS
+        .iter()
+        .map(|ip| ip.parse())
+        .collect::<Result<_, _>>()?;
+    let resolv = Resolv::pod("demo", &nameservers);
+    step(&format!(
+        "resolving `web` from the client, whose /etc/resolv.conf is:\n{}",
+        indent(resolv.render().trim_end())
+    ));
+    let musl = clients::musl_resolve()?;
+    let musl = musl.to_str().context("musl client path")?;
+    let timeout = Duration::from_secs(15);
+    for (label, cmd, args) in [
+        (
+            "glibc's getaddrinfo (connected UDP)",
+            "getent",
+            vec!["hosts", "web"],
+        ),
+        (
+            "musl's getaddrinfo (unconnected UDP, as in Alpine images)",
+            musl,
+            vec!["-4", "web"],
+        ),
+        (
+            "dig over TCP through the Service's TCP port 53",
+            "dig",
+            vec!["+tcp", "+short", "web.demo.svc.cluster.local"],
+        ),
+    ] {
+        let out = tb.client_command(&resolv, cmd, &args, timeout)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "{label}: `{cmd} {}` failed: {text}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        eprintln!("    {label}: {}", text.split_whitespace().next().unwrap_or(""));
+    }
+
+    step("wget -qO- http://web/ five times from the client (busybox, resolving through kube-dns)");
+    for _ in 0..5 {
+        let out = tb.client_command(&resolv, "busybox", &["wget", "-qO-", "http://web/"], timeout)?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("wget http://web/ failed: {body}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        eprintln!("    wget -qO- http://web/ -> {}", body.trim());
+    }
     Ok(())
 }
 
