@@ -199,15 +199,26 @@ fn by_name(tb: &Testbed) -> anyhow::Result<()> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        eprintln!("    {label}: {}", text.split_whitespace().next().unwrap_or(""));
+        eprintln!(
+            "    {label}: {}",
+            text.split_whitespace().next().unwrap_or("")
+        );
     }
 
     step("wget -qO- http://web/ five times from the client (busybox, resolving through kube-dns)");
     for _ in 0..5 {
-        let out = tb.client_command(&resolv, "busybox", &["wget", "-qO-", "http://web/"], timeout)?;
+        let out = tb.client_command(
+            &resolv,
+            "busybox",
+            &["wget", "-qO-", "http://web/"],
+            timeout,
+        )?;
         let body = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("wget http://web/ failed: {body}{}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "wget http://web/ failed: {body}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         eprintln!("    wget -qO- http://web/ -> {}", body.trim());
     }

@@ -850,4 +850,3 @@ fn kube_restart() -> anyhow::Result<()> {
     ensure!(counts.len() == 3, "{counts:?}");
     Ok(())
 }
-

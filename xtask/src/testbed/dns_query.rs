@@ -98,7 +98,9 @@ fn decode(msg: &[u8], id: u16, qtype: u16) -> anyhow::Result<Vec<IpAddr>> {
     for _ in 0..answers {
         at = skip_name(msg, at)?;
         let (rtype, rdlen) = (u16_at(at)?, usize::from(u16_at(at + 8)?));
-        let rdata = msg.get(at + 10..at + 10 + rdlen).context("truncated record")?;
+        let rdata = msg
+            .get(at + 10..at + 10 + rdlen)
+            .context("truncated record")?;
         match (rtype == qtype, rdata.len()) {
             (true, 4) => out.push(IpAddr::from(<[u8; 4]>::try_from(rdata)?)),
             (true, 16) => out.push(IpAddr::from(<[u8; 16]>::try_from(rdata)?)),

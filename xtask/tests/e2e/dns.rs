@@ -11,11 +11,15 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use xtask::{
-    manifests::{self, Endpoint, Port},
+    manifests::{self, Port},
     testbed::{PodSpec, Resolv, Testbed, clients, dns_query::DnsAnswer},
 };
 
-use super::{HTTP, WEB_IP, sockets::WEB_IP6, testbed};
+use super::{
+    HTTP, WEB_IP,
+    sockets::{WEB_IP6, dual_stack},
+    testbed,
+};
 
 const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const WEB_NAME: &str = "web.demo.svc.cluster.local";
@@ -44,25 +48,14 @@ fn dns_testbed() -> anyhow::Result<(Vec<PodSpec>, Testbed)> {
 
     let kube_dns = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/kube-dns.yaml");
     tb.write_manifest("kube-dns.yaml", &std::fs::read_to_string(&kube_dns)?)?;
-    let v4: Vec<Endpoint> = pods.iter().map(|p| Endpoint::ready(p.ip, &p.name)).collect();
-    let v6: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(p.ip6(), &p.name))
-        .collect();
-    let ports = [("http", HTTP, "TCP")];
-    tb.write_manifest(
-        "web.yaml",
-        &manifests::documents(&[
-            manifests::dual_stack_service(
-                "demo",
-                "web",
-                (WEB_IP, WEB_IP6),
-                &[Port::tcp("http", 80, "http")],
-            ),
-            manifests::endpoint_slice("demo", "web-v4", "web", &ports, &v4),
-            manifests::endpoint_slice("demo", "web-v6", "web", &ports, &v6),
-        ]),
-    )?;
+    let web = dual_stack(
+        "web",
+        (WEB_IP, WEB_IP6),
+        Port::tcp("http", 80, "http"),
+        &pods,
+        &[("http", HTTP, "TCP")],
+    );
+    tb.write_manifest("web.yaml", &manifests::documents(&web))?;
     tb.start_agent()?;
     Ok((pods, tb))
 }
@@ -183,7 +176,11 @@ pub fn fetch_by_name() -> anyhow::Result<()> {
     let musl = clients::musl_resolve()?;
     let musl = musl.to_str().context("musl client path")?;
     for (cmd, args, what) in [
-        ("busybox", vec!["wget", "-qO-", "http://web/"], "wget (glibc)"),
+        (
+            "busybox",
+            vec!["wget", "-qO-", "http://web/"],
+            "wget (glibc)",
+        ),
         (musl, vec!["-4", "web", "--http", "80"], "musl, IPv4"),
         (musl, vec!["-6", "web", "--http", "80"], "musl, IPv6"),
     ] {

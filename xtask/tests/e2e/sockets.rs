@@ -42,39 +42,55 @@ fn pods(count: u8) -> Vec<PodSpec> {
         .collect()
 }
 
-/// Dual-stack Services over `pods`: demo/web (TCP 80 → http) and demo/udp (UDP 53 → dns), one
-/// slice per family; and demo/empty-udp (UDP 53, both families) with no endpoints.
-fn manifest(pods: &[PodSpec]) -> String {
-    let v4: Vec<Endpoint> = pods.iter().map(|p| Endpoint::ready(p.ip, &p.name)).collect();
+/// A dual-stack Service `name` at `cluster_ips` with `port`, and one slice per family listing
+/// `pods` with `slice_ports`.
+pub fn dual_stack(
+    name: &str,
+    cluster_ips: (Ipv4Addr, Ipv6Addr),
+    port: Port,
+    pods: &[PodSpec],
+    slice_ports: &[(&str, u16, &str)],
+) -> Vec<String> {
+    let v4: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::ready(p.ip, &p.name))
+        .collect();
     let v6: Vec<Endpoint> = pods
         .iter()
         .map(|p| Endpoint::ready(p.ip6(), &p.name))
         .collect();
+    vec![
+        manifests::dual_stack_service("demo", name, cluster_ips, &[port]),
+        manifests::endpoint_slice("demo", &format!("{name}-v4"), name, slice_ports, &v4),
+        manifests::endpoint_slice("demo", &format!("{name}-v6"), name, slice_ports, &v6),
+    ]
+}
+
+/// Dual-stack Services over `pods`: demo/web (TCP 80 → http) and demo/udp (UDP 53 → dns); and
+/// demo/empty-udp (UDP 53, both families) with no endpoints.
+fn manifest(pods: &[PodSpec]) -> String {
     let ports = [("http", HTTP, "TCP"), ("dns", UDP_POD_PORT, "UDP")];
-    manifests::documents(&[
-        manifests::dual_stack_service(
-            "demo",
-            "web",
-            (WEB_IP, WEB_IP6),
-            &[Port::tcp("http", 80, "http")],
-        ),
-        manifests::dual_stack_service(
-            "demo",
-            "udp",
-            (UDP_IP, UDP_IP6),
-            &[Port::udp("dns", 53, "dns")],
-        ),
-        manifests::endpoint_slice("demo", "web-v4", "web", &ports, &v4),
-        manifests::endpoint_slice("demo", "web-v6", "web", &ports, &v6),
-        manifests::endpoint_slice("demo", "udp-v4", "udp", &ports, &v4),
-        manifests::endpoint_slice("demo", "udp-v6", "udp", &ports, &v6),
-        manifests::dual_stack_service(
-            "demo",
-            "empty-udp",
-            (EMPTY_UDP_IP, EMPTY_UDP_IP6),
-            &[Port::udp("dns", 53, 53)],
-        ),
-    ])
+    let web = dual_stack(
+        "web",
+        (WEB_IP, WEB_IP6),
+        Port::tcp("http", 80, "http"),
+        pods,
+        &ports,
+    );
+    let udp = dual_stack(
+        "udp",
+        (UDP_IP, UDP_IP6),
+        Port::udp("dns", 53, "dns"),
+        pods,
+        &ports,
+    );
+    let empty = manifests::dual_stack_service(
+        "demo",
+        "empty-udp",
+        (EMPTY_UDP_IP, EMPTY_UDP_IP6),
+        &[Port::udp("dns", 53, 53)],
+    );
+    manifests::documents(&[web, udp, vec![empty]].concat())
 }
 
 fn dual_stack_testbed(count: u8) -> anyhow::Result<(Vec<PodSpec>, Testbed)> {
@@ -176,7 +192,10 @@ pub fn udp_backend_changes() -> anyhow::Result<()> {
                 .map(|a| a.answer.clone().unwrap_or_default())
                 .collect()
         };
-        let (before, after) = (pods_between(0, written_at), pods_between(applied_at, u64::MAX));
+        let (before, after) = (
+            pods_between(0, written_at),
+            pods_between(applied_at, u64::MAX),
+        );
         ensure!(
             before.len() == 1 && after.len() == 1,
             "a socket to {frontend} changed backend without a reason: {before:?} before the \
@@ -269,10 +288,7 @@ pub fn ipv6_and_dual_stack() -> anyhow::Result<()> {
     // Each frontend has the backends of its own family.
     let got = listing(&tb)?;
     let v4: Vec<String> = pods.iter().map(|p| format!("{}:{HTTP}", p.ip)).collect();
-    let v6: Vec<String> = pods
-        .iter()
-        .map(|p| format!("{}:{HTTP}", p.ip6()))
-        .collect();
+    let v6: Vec<String> = pods.iter().map(|p| format!("{}:{HTTP}", p.ip6())).collect();
     ensure!(
         got.get("10.96.0.10:80/TCP") == Some(&("demo/web:http".to_owned(), v4)),
         "{got:#?}"
@@ -296,10 +312,7 @@ pub fn ipv6_and_dual_stack() -> anyhow::Result<()> {
             .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
         "[fd00:96::10]:81 was touched: {other:?}"
     );
-    let direct = answers(&tb.probe(&tb.probe_args(
-        SocketAddr::from((pods[1].ip6(), HTTP)),
-        10,
-    ))?)?;
+    let direct = answers(&tb.probe(&tb.probe_args(SocketAddr::from((pods[1].ip6(), HTTP)), 10))?)?;
     ensure!(direct.keys().eq(["pod-2"]), "{direct:?}");
     Ok(())
 }
@@ -326,10 +339,7 @@ pub fn udp_refused_and_untouched() -> anyhow::Result<()> {
     }
 
     // Datagrams straight to a pod, from inside lb's cgroup: untouched, replies show the pod.
-    for pod_addr in [
-        IpAddr::from(pods[1].ip),
-        IpAddr::from(pods[1].ip6()),
-    ] {
+    for pod_addr in [IpAddr::from(pods[1].ip), IpAddr::from(pods[1].ip6())] {
         let target = SocketAddr::from((pod_addr, UDP_POD_PORT));
         let mut args = tb.probe_args(target, 3);
         args.udp_unconnected = true;
