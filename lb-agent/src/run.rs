@@ -75,8 +75,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     } else {
         aya_log::Level::Info
     };
-    let loaded =
-        bpf::load_and_attach(&args.pin_dir, &cgroup, ebpf_level, args.socket_map_entries)?;
+    let loaded = bpf::load_and_attach(&args.pin_dir, &cgroup, ebpf_level, args.socket_map_entries)?;
     relay_ebpf_logs(loaded.logger)?;
     let mut dataplane = Dataplane::adopt(loaded.maps)?;
     info!(frontends = dataplane.len(), "adopted the pinned maps");
