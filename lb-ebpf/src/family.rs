@@ -329,7 +329,12 @@ impl Inet6 {
         // SAFETY: the kernel hands a valid bpf_sock_addr for the duration of the program.
         let sa = unsafe { &*ctx.sock_addr };
         // One 4-byte load per word: the context allows no other access size here.
-        let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let words = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
         let port = read_port(sa.user_port);
         if words[0] == 0 && words[1] == 0 && u32::from_be(words[2]) == MAPPED_PREFIX_WORD {
             return Inet6Addr::Mapped((words[3].to_ne_bytes(), port));
