@@ -63,7 +63,7 @@ static LB6_SOCK_BACKEND: LruHashMap<SockFrontend6Key, SockBackend6, SOCKET_MAP_E
 /// An address family's maps and address format. Addresses are network-order bytes, ports host
 /// order, as in the maps.
 pub trait Family {
-    type Addr: Copy;
+    type Addr: Copy + PartialEq;
     type Frontend;
     type Backend: Copy;
 

@@ -141,6 +141,12 @@ fn sendmsg<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
         && service_id == service.service_id
         && F::is_member(service_id, &backend)
     {
+        // The two LRU maps evict independently: bring the reverse record back if it went, or
+        // the replies to this datagram would show the Pod IP.
+        let (backend_address, backend_port) = F::backend_addr(&backend);
+        if F::reverse(cookie, backend_address, backend_port) != Some((address, port)) {
+            F::remember_reverse(cookie, &backend, address, port);
+        }
         return Verdict::Translate(backend);
     }
     let Some(backend) = pick::<F>(ctx, &service) else {

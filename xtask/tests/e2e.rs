@@ -91,6 +91,14 @@ fn main() {
             sockets::udp_backend_changes,
         ),
         (
+            "unconnected_udp_sockets_keep_backend_and_reply_source_across_an_agent_restart",
+            sockets::udp_across_agent_restart,
+        ),
+        (
+            "per_socket_maps_evict_and_never_block_a_send_or_connect",
+            sockets::socket_maps_never_fill,
+        ),
+        (
             "udp_to_a_service_without_endpoints_is_refused_and_other_datagrams_are_untouched",
             sockets::udp_refused_and_untouched,
         ),

@@ -124,6 +124,8 @@ pub struct Testbed {
     agent_bin: PathBuf,
     probe_bin: PathBuf,
     echo_agent: Option<&'static str>,
+    /// More `lb-agent run` flags, for every start from now on.
+    agent_flags: Vec<String>,
     /// Where the agent gets Services from: the manifest directory, or an API server.
     kubeconfig: Option<(PathBuf, Option<String>)>,
     // Dropped in this order: agent, pods, DNS pods, their cgroup, clients, switch, cgroup, BPF
@@ -209,6 +211,7 @@ impl Testbed {
             agent_bin: agent_bin.to_owned(),
             probe_bin: probe_bin.to_owned(),
             echo_agent: None,
+            agent_flags: Vec::new(),
             kubeconfig: None,
             agent: None,
             pods: Vec::new(),
@@ -229,6 +232,11 @@ impl Testbed {
             testbed.add_pod(pod.clone())?;
         }
         Ok(testbed)
+    }
+
+    /// Passes `flags` to `lb-agent run` at every start from now on.
+    pub fn agent_flags(&mut self, flags: &[&str]) {
+        self.agent_flags = flags.iter().map(|f| f.to_string()).collect();
     }
 
     /// Print the agent's log lines with this prefix as they come (the demo does).
@@ -456,6 +464,7 @@ impl Testbed {
             "--health-addr".into(),
             "127.0.0.1:0".into(),
         ]);
+        args.extend(self.agent_flags.iter().map(Into::into));
         let agent = Agent::start(&self.agent_bin, &args, self.echo_agent)?;
         Ok(self.agent.insert(agent))
     }

@@ -369,3 +369,84 @@ pub fn udp_refused_and_untouched() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Unconnected UDP sockets keep their backend and their replies' source while the agent is
+/// stopped and restarted: the per-socket maps are pinned and adopted like the others.
+pub fn udp_across_agent_restart() -> anyhow::Result<()> {
+    let (_, mut tb) = dual_stack_testbed(3)?;
+    let mut probes = Vec::new();
+    for frontend in udp_frontends() {
+        let mut args = tb.probe_args(frontend, 1);
+        args.udp_unconnected = true;
+        args.messages = 60;
+        args.interval_ms = 40;
+        for _ in 0..4 {
+            probes.push((frontend, tb.spawn_probe(&args)?));
+        }
+    }
+    thread::sleep(Duration::from_millis(600));
+    tb.stop_agent()?;
+    thread::sleep(Duration::from_millis(600));
+    tb.start_agent()?;
+
+    for (frontend, child) in probes {
+        let attempts = probe::collect(child)?;
+        answers(&attempts).with_context(|| format!("sendto {frontend} across the restart"))?;
+        ensure!(attempts.len() == 60, "{} datagrams", attempts.len());
+        let pods: BTreeSet<_> = attempts.iter().map(|a| a.answer.clone()).collect();
+        ensure!(
+            pods.len() == 1,
+            "a socket to {frontend} changed backend across the restart: {pods:?}"
+        );
+        let shown = frontend.to_string();
+        ensure!(
+            attempts.iter().all(|a| a.from.as_deref() == Some(&shown)),
+            "a reply to {frontend} did not come from the ClusterIP across the restart"
+        );
+    }
+    Ok(())
+}
+
+/// The per-socket maps are LRU: with room for 64 records, hundreds of sockets still get every
+/// datagram translated and every reply shown from the ClusterIP, and the maps hold at most 64.
+pub fn socket_maps_never_fill() -> anyhow::Result<()> {
+    let pods = pods(2);
+    let mut tb = testbed(&pods)?;
+    tb.agent_flags(&["--socket-map-entries", "64"]);
+    tb.write_manifest("services.yaml", &manifest(&pods))?;
+    tb.start_agent()?;
+
+    let frontend = udp_frontends()[0];
+    let mut args = tb.probe_args(frontend, 400);
+    args.udp_unconnected = true;
+    let attempts = tb.probe(&args)?;
+    answers(&attempts).context("with a full reverse map")?;
+    let shown = frontend.to_string();
+    ensure!(
+        attempts.iter().all(|a| a.from.as_deref() == Some(&shown)),
+        "a reply did not come from the ClusterIP"
+    );
+    // TCP connects record their translation too (for getpeername).
+    let mut tcp = tb.probe_args(web(), 200);
+    tcp.peer = true;
+    let connects = tb.probe(&tcp)?;
+    answers(&connects).context("connects with a full reverse map")?;
+
+    for map in ["LB4_REVERSE", "LB4_SOCK_BACKEND"] {
+        let dump = std::process::Command::new(
+            xtask::testbed::find_tool("bpftool").context("bpftool not found")?,
+        )
+        .args(["--json", "map", "dump", "pinned"])
+        .arg(tb.pin_dir().join(map))
+        .output()?;
+        let entries: serde_json::Value = serde_json::from_slice(&dump.stdout)
+            .with_context(|| format!("bpftool map dump {map}"))?;
+        let count = entries.as_array().map_or(0, Vec::len);
+        ensure!(
+            (1..=64).contains(&count),
+            "{map} holds {count} records with room for 64"
+        );
+        eprintln!("{map}: {count} records after 400 sockets and 200 connects (room for 64)");
+    }
+    Ok(())
+}
