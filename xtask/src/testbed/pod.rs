@@ -1,6 +1,6 @@
 //! A "pod": threads inside a namespace that answer as the pod's name, over HTTP on TCP and as a
-//! datagram on UDP. Every socket is bound to `[::]` with IPV6_V6ONLY off, so one socket serves
-//! the pod's IPv4 and IPv6 addresses alike.
+//! datagram on UDP, and echo ports for the benchmarks (TCP and UDP). Every socket is bound to
+//! `[::]` with IPV6_V6ONLY off, so one socket serves the pod's IPv4 and IPv6 addresses alike.
 
 use std::{
     io::{Read as _, Write as _},
@@ -31,7 +31,8 @@ pub struct PodServer {
 impl PodServer {
     /// Starts listening on every port (all IPv4 and IPv6 addresses of `netns`); returns once all
     /// are bound. `tcp_ports` answer HTTP with `name`, `udp_ports` answer each datagram with
-    /// `name` (sent back to whoever sent it), `echo_ports` echo every byte back.
+    /// `name` (sent back to whoever sent it), `echo_ports` echo every byte back on TCP and every
+    /// datagram back on UDP (the same port number for both).
     pub fn start(
         netns: &str,
         name: &str,
@@ -46,7 +47,8 @@ impl PodServer {
             .iter()
             .map(|&p| (p, Kind::Http))
             .chain(udp_ports.iter().map(|&p| (p, Kind::Udp)))
-            .chain(echo_ports.iter().map(|&p| (p, Kind::Echo)));
+            .chain(echo_ports.iter().map(|&p| (p, Kind::Echo)))
+            .chain(echo_ports.iter().map(|&p| (p, Kind::UdpEcho)));
         for (port, kind) in ports {
             let (netns, name, stop, ready) = (
                 netns.to_owned(),
@@ -57,7 +59,7 @@ impl PodServer {
             threads.push(thread::spawn(move || {
                 let bound = netns::enter(&netns).and_then(|()| match kind {
                     Kind::Http | Kind::Echo => Ok(Socket::Tcp(dual_stack_listener(port)?)),
-                    Kind::Udp => {
+                    Kind::Udp | Kind::UdpEcho => {
                         let socket = dual_stack_udp(port)?;
                         socket.set_read_timeout(Some(POLL))?;
                         Ok(Socket::Udp(socket))
@@ -78,7 +80,13 @@ impl PodServer {
                         Kind::Echo => echo(stream),
                         _ => answer_http(stream, &name),
                     }),
-                    Socket::Udp(socket) => serve_udp(&socket, &name, &stop),
+                    Socket::Udp(socket) => {
+                        let answer = match kind {
+                            Kind::UdpEcho => None,
+                            _ => Some(name.as_bytes()),
+                        };
+                        serve_udp(&socket, &stop, answer)
+                    }
                 }
             }));
         }
@@ -107,7 +115,9 @@ impl Drop for PodServer {
 enum Kind {
     Http,
     Udp,
+    /// TCP echo.
     Echo,
+    UdpEcho,
 }
 
 enum Socket {
@@ -184,11 +194,13 @@ fn answer_http(mut stream: TcpStream, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
+/// Answers each datagram with `answer`, or with the datagram itself when there is none (echo),
+/// sent back to whoever sent it.
+fn serve_udp(socket: &UdpSocket, stop: &AtomicBool, answer: Option<&[u8]>) {
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(name.as_bytes(), peer);
+        if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(answer.unwrap_or(&buf[..n]), peer);
         }
     }
 }

@@ -5,8 +5,9 @@
 //! or demo process itself stays outside the cgroup.
 //!
 //! Modes: TCP with an HTTP GET (the default), a connected UDP socket (`--udp`), an unconnected UDP
-//! socket with sendto/recvfrom (`--udp-unconnected`), and the benchmark's echo (`--echo`). Every
-//! mode takes IPv4 and IPv6 targets. An IPv4-mapped target (`[::ffff:10.96.0.10]:80`, see
+//! socket with sendto/recvfrom (`--udp-unconnected`), and the benchmark's echo (`--echo`: TCP
+//! connect, one byte each way, close; with `--udp-unconnected`, datagrams echoed on unconnected
+//! sockets). Every mode takes IPv4 and IPv6 targets. An IPv4-mapped target (`[::ffff:10.96.0.10]:80`, see
 //! [`v4_mapped`]) makes the probe use an AF_INET6 socket towards an IPv4 address, as dual-stack
 //! programs do; no flag is needed for that.
 
@@ -43,7 +44,9 @@ pub struct ProbeArgs {
     /// More targets: attempts go round-robin over --target and these.
     #[arg(long, value_delimiter = ',')]
     pub also: Vec<SocketAddr>,
-    /// Benchmark mode: connect, echo one byte, close; print one [`EchoSummary`] line.
+    /// Benchmark mode: connect, echo one byte, close; print one [`EchoSummary`] line. With
+    /// --udp-unconnected: --count sockets, each sending --messages datagrams to an echo port and
+    /// waiting for each one's echo (see [`udp_echo_run`]).
     #[arg(long)]
     pub echo: bool,
     /// Use a connected UDP socket instead of TCP.
@@ -51,7 +54,7 @@ pub struct ProbeArgs {
     pub udp: bool,
     /// Use an unconnected UDP socket instead of TCP: sendto(target), then recvfrom, recording
     /// where the reply came from. A new socket per --count iteration.
-    #[arg(long, conflicts_with_all = ["udp", "echo"])]
+    #[arg(long, conflicts_with = "udp")]
     pub udp_unconnected: bool,
     /// Datagrams per socket with --udp-unconnected, each waiting for its reply (one attempt each).
     #[arg(long, default_value_t = 1)]
@@ -65,7 +68,7 @@ pub struct ProbeArgs {
     /// Keep going for this long instead (bounded by --count too).
     #[arg(long)]
     pub duration_ms: Option<u64>,
-    /// Pause between attempts.
+    /// Pause between attempts (with --udp-unconnected, also between a socket's datagrams).
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,
 }
@@ -111,12 +114,24 @@ pub fn now_us() -> u64 {
 /// What a benchmark probe (`--echo`) reports.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EchoSummary {
-    /// Each exchange (connect, one byte each way, close), in nanoseconds.
+    /// Each exchange in nanoseconds: TCP connect, one byte each way, close; with
+    /// --udp-unconnected, one sendto + recvfrom (with --messages 1, the socket's whole life).
     pub samples_ns: Vec<u64>,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// UDP echoes whose source, as recvfrom() reported it, was not the address the datagram was
+    /// sent to (through lb: the ClusterIP, shown by its recvmsg program).
+    #[serde(default)]
+    pub foreign_sources: u64,
     /// Wall time of the whole run.
     pub elapsed_ns: u64,
+}
+
+impl EchoSummary {
+    fn failed(&mut self, e: &std::io::Error) {
+        self.errors += 1;
+        self.first_error.get_or_insert_with(|| errno_name(e));
+    }
 }
 
 /// The probe process: joins the cgroup, enters the namespace, prints one JSON line per attempt
@@ -145,7 +160,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
             break;
         }
         let attempts = if args.udp_unconnected {
-            udp_unconnected(args.target, index, args.messages.min(MAX_COUNT), deadline)
+            udp_unconnected(args, index, deadline)
         } else if args.udp {
             vec![udp(args.target, args.peer)]
         } else {
@@ -170,23 +185,107 @@ fn echo_run(args: &ProbeArgs) -> EchoSummary {
         .map(Duration::from_millis)
         .unwrap_or(MAX_DURATION)
         .min(MAX_DURATION);
+    let count = args.count.min(MAX_COUNT);
+    if args.udp_unconnected {
+        return udp_echo_run(&targets, count, args.messages.clamp(1, MAX_COUNT), deadline);
+    }
     let started = Instant::now();
     let mut summary = EchoSummary::default();
-    for i in 0..args.count.min(MAX_COUNT) as usize {
+    for i in 0..count as usize {
         if started.elapsed() >= deadline {
             break;
         }
         let t = Instant::now();
         match echo_once(targets[i % targets.len()]) {
-            Ok(()) => summary.samples_ns.push(t.elapsed().as_nanos() as u64),
-            Err(e) => {
-                summary.errors += 1;
-                summary.first_error.get_or_insert_with(|| errno_name(&e));
-            }
+            Ok(()) => summary.samples_ns.push(nanos_since(t)),
+            Err(e) => summary.failed(&e),
         }
     }
-    summary.elapsed_ns = started.elapsed().as_nanos() as u64;
+    summary.elapsed_ns = nanos_since(started);
     summary
+}
+
+fn nanos_since(t: Instant) -> u64 {
+    t.elapsed().as_nanos() as u64
+}
+
+/// `sockets` unconnected UDP sockets, one after the other, each sending `messages` datagrams
+/// (an 8-byte sequence number) with sendto() and taking each one's echo with recvfrom() before
+/// the next. Datagram k of the run goes to `targets[k % targets.len()]`. The sockets are not
+/// bound first: sendto() binds them, as most resolvers and metrics clients let it.
+///
+/// A sample is one sendto() + recvfrom(). With `messages` = 1 it is the socket's whole life
+/// instead: socket(), sendto(), recvfrom(), close(), what a resolver pays per lookup.
+fn udp_echo_run(
+    targets: &[SocketAddr],
+    sockets: u32,
+    messages: u32,
+    deadline: Duration,
+) -> EchoSummary {
+    let started = Instant::now();
+    let mut summary = EchoSummary::default();
+    let mut sent: u64 = 0;
+    'sockets: for _ in 0..sockets {
+        if started.elapsed() >= deadline {
+            break;
+        }
+        let opened = Instant::now();
+        let socket = match socket_for(targets[0], Type::DGRAM, Protocol::UDP).and_then(|s| {
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            Ok(UdpSocket::from(s))
+        }) {
+            Ok(socket) => socket,
+            Err(e) => {
+                summary.failed(&e);
+                continue;
+            }
+        };
+        let mut answered = 0;
+        for _ in 0..messages {
+            if started.elapsed() >= deadline {
+                break 'sockets;
+            }
+            let target = targets[sent as usize % targets.len()];
+            sent += 1;
+            let t = Instant::now();
+            match udp_echo_once(&socket, target, sent) {
+                Ok(from) => {
+                    if messages > 1 {
+                        summary.samples_ns.push(nanos_since(t));
+                    }
+                    answered += 1;
+                    if (from.ip(), from.port()) != (target.ip(), target.port()) {
+                        summary.foreign_sources += 1;
+                    }
+                }
+                Err(e) => summary.failed(&e),
+            }
+        }
+        drop(socket);
+        if messages == 1 && answered == 1 {
+            summary.samples_ns.push(nanos_since(opened));
+        }
+    }
+    summary.elapsed_ns = nanos_since(started);
+    summary
+}
+
+/// Sends `seq` to `target` and waits for its echo (skipping late echoes of earlier datagrams);
+/// returns where the echo came from.
+fn udp_echo_once(socket: &UdpSocket, target: SocketAddr, seq: u64) -> std::io::Result<SocketAddr> {
+    let request = seq.to_le_bytes();
+    socket.send_to(&request, target)?;
+    let mut buf = [0u8; 64];
+    // Each recvfrom() is bounded by the read timeout; at most a few late echoes are skipped.
+    for _ in 0..8 {
+        let (n, from) = socket.recv_from(&mut buf)?;
+        if buf[..n] == request {
+            return Ok(from);
+        }
+    }
+    Err(std::io::Error::other(
+        "only late echoes of earlier datagrams",
+    ))
 }
 
 fn echo_once(target: SocketAddr) -> std::io::Result<()> {
@@ -291,12 +390,9 @@ fn udp(target: SocketAddr, want_peer: bool) -> Attempt {
 /// One unconnected socket, bound to the wildcard address of `target`'s family, sending
 /// `messages` datagrams with sendto() (what lb's sendmsg hooks rewrite) and taking each reply
 /// with recvfrom() (whose source address lb's recvmsg hooks rewrite back).
-fn udp_unconnected(
-    target: SocketAddr,
-    index: u32,
-    messages: u32,
-    deadline: Instant,
-) -> Vec<Attempt> {
+/// `--messages` datagrams on one unconnected socket, `--interval-ms` apart.
+fn udp_unconnected(args: &ProbeArgs, index: u32, deadline: Instant) -> Vec<Attempt> {
+    let target = args.target;
     let wildcard = match target {
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
@@ -307,9 +403,12 @@ fn udp_unconnected(
         Ok(UdpSocket::from(socket))
     });
     let mut attempts = Vec::new();
-    for _ in 0..messages {
+    for message in 0..args.messages.min(MAX_COUNT) {
         if Instant::now() >= deadline {
             break;
+        }
+        if message > 0 && args.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
         }
         let at_us = now_us();
         let started = Instant::now();
