@@ -117,7 +117,10 @@ impl<'a> ServiceEndpoints<'a> {
         policy: Policy,
         node: &NodeContext,
     ) -> BTreeSet<Backend> {
-        // First listing wins, in slice-name order, like kube-proxy's de-duplication.
+        // An address listed by several slices (a Pod moving between slices, or a new Pod that
+        // reuses a terminating Pod's IP) counts once: the listing on this node wins, then one
+        // that is not terminating, then the first in slice-name order (kube-proxy's
+        // endpointslicecache.go).
         let mut candidates: BTreeMap<Backend, Candidate> = BTreeMap::new();
         for slice in self.slices.iter().filter(|s| s.ipv6 == frontend.is_ipv6()) {
             let Some(slice_port) = slice
@@ -132,27 +135,37 @@ impl<'a> ServiceEndpoints<'a> {
                     address: endpoint.address,
                     port: slice_port.port,
                 };
-                candidates.entry(backend).or_insert_with(|| Candidate {
+                let topology = endpoint.topology.as_deref();
+                let candidate = Candidate {
                     backend,
                     ready: endpoint.ready,
                     serving: endpoint.serving,
                     terminating: endpoint.terminating,
-                    node_name: endpoint.topology.as_ref().and_then(|t| t.node_name.clone()),
-                    zone_hints: endpoint
-                        .topology
-                        .as_ref()
-                        .map(|t| t.zone_hints.clone())
-                        .unwrap_or_default(),
-                    node_hints: endpoint
-                        .topology
-                        .as_ref()
-                        .map(|t| t.node_hints.clone())
-                        .unwrap_or_default(),
-                });
+                    node_name: topology.and_then(|t| t.node_name.clone()),
+                    zone_hints: topology.map(|t| t.zone_hints.clone()).unwrap_or_default(),
+                    node_hints: topology.map(|t| t.node_hints.clone()).unwrap_or_default(),
+                };
+                match candidates.get(&backend) {
+                    Some(listed) if !preferred(&candidate, listed, node) => {}
+                    _ => {
+                        candidates.insert(backend, candidate);
+                    }
+                }
             }
         }
         let candidates: Vec<Candidate> = candidates.into_values().collect();
         topology::select(&candidates, policy, node)
+    }
+}
+
+/// Whether `new` replaces `listed`, an earlier listing of the same address: one on this node
+/// over one elsewhere, then one that is not terminating over one that is.
+fn preferred(new: &Candidate, listed: &Candidate, node: &NodeContext) -> bool {
+    let local = |c: &Candidate| node.name.is_some() && c.node_name == node.name;
+    match (local(new), local(listed)) {
+        (true, false) => true,
+        (false, true) => false,
+        _ => listed.terminating && !new.terminating,
     }
 }
 

@@ -179,7 +179,6 @@ fn parse_frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<Service
     }
     let policy = Policy {
         local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        prefer_same_node: spec.traffic_distribution.as_deref() == Some("PreferSameNode"),
     };
     Some(ServiceFrontends { policy, ports: out })
 }

@@ -3,10 +3,12 @@
 //!
 //! - `internalTrafficPolicy: Local`: only endpoints on this node; ready ones, else serving and
 //!   terminating ones; none means connects are refused.
-//! - Otherwise, topology: when every ready endpoint carries zone hints and one is for this node's
-//!   zone, only endpoints hinted for the zone are used (likewise node hints, for
-//!   `trafficDistribution: PreferSameNode`, tried first). Any ready endpoint without a hint, or no
-//!   hint for this zone, means all endpoints are used.
+//! - Otherwise, topology: when every ready endpoint carries node hints and one is for this node,
+//!   only endpoints hinted for this node are used; else, when every ready endpoint carries zone
+//!   hints and one is for this node's zone, only those hinted for the zone. Any ready endpoint
+//!   without a hint, or no hint for this node or zone, means all endpoints are used. As in
+//!   kube-proxy, the hints decide, not the Service's `trafficDistribution` (the EndpointSlice
+//!   controller writes node hints only for `PreferSameNode`).
 //! - Ready endpoints first; when none is ready anywhere, the serving and terminating ones.
 
 use std::collections::BTreeSet;
@@ -30,8 +32,6 @@ pub(super) struct Candidate {
 pub(super) struct Policy {
     /// `internalTrafficPolicy: Local`.
     pub local: bool,
-    /// `trafficDistribution: PreferSameNode`.
-    pub prefer_same_node: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +64,7 @@ pub(super) fn select(
         return pick(&|c| is_local(c) && serving_terminating(c));
     }
 
-    let mode = topology_mode(candidates, policy, node);
+    let mode = topology_mode(candidates, node);
     let ready = pick(&|c| c.ready && available(c, mode, node));
     if !ready.is_empty() {
         return ready;
@@ -74,14 +74,14 @@ pub(super) fn select(
     pick(&serving_terminating)
 }
 
-fn topology_mode(candidates: &[Candidate], policy: Policy, node: &NodeContext) -> TopologyMode {
+fn topology_mode(candidates: &[Candidate], node: &NodeContext) -> TopologyMode {
     let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.ready).collect();
     let hinted = |hints: fn(&Candidate) -> &BTreeSet<String>, wanted: Option<&String>| {
         let all_hinted = ready.iter().all(|c| !hints(c).is_empty());
         let any_for_us = wanted.is_some_and(|w| ready.iter().any(|c| hints(c).contains(w)));
         all_hinted && any_for_us
     };
-    if policy.prefer_same_node && hinted(|c| &c.node_hints, node.name.as_ref()) {
+    if hinted(|c| &c.node_hints, node.name.as_ref()) {
         return TopologyMode::SameNode;
     }
     if hinted(|c| &c.zone_hints, node.zone.as_ref()) {
