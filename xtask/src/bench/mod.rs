@@ -94,7 +94,9 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
     step(&format!(
         "building the testbed: {BACKENDS} echo pods, a client for lb and one for iptables"
     ));
-    let mut tb = Testbed::new(agent_bin, &std::env::current_exe()?, &pods)?;
+    // The probe is this very binary. /proc/self/exe, not its path: a build running beside the
+    // bench may replace target/debug/xtask, and the probes must stay the binary measured so far.
+    let mut tb = Testbed::new(agent_bin, Path::new("/proc/self/exe"), &pods)?;
     let iptables_ns = tb.add_client("i", IPTABLES_CLIENT_IP, ServiceRoute::Discard)?;
     // A sibling of lb's cgroup with no program: separates what cgroup placement costs.
     let floor_cgroup = tb.cgroup().with_file_name(format!("{}-floor", tb.id));
