@@ -26,9 +26,10 @@
 //! its datagrams to one pod, the next pod each round.
 //!
 //! Method: each round runs every (suite, configuration) once, as one probe process of
-//! `samples_per_round` samples, in an order rotated by one each round; round 0 only warms up
-//! (ARP/ND, caches, the pods' sockets). A configuration's ratio is the median over rounds of its
-//! p50 over its suite's floor p50 in the same round: paired, so drift between rounds cancels.
+//! `samples_per_round` samples, in the order [`round_order`] gives (each takes its turn at going
+//! first; the rest shuffled); round 0 only warms up (ARP/ND, caches, the pods' sockets). A
+//! configuration's ratio is the median over rounds of its p50 over its suite's floor p50 in the
+//! same round: paired, so drift between rounds cancels.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
@@ -40,7 +41,7 @@ use xtask::testbed::{
 };
 
 use super::{
-    median, percentile,
+    median, percentile, round_order,
     workload::{BACKENDS, ECHO_PORT, Family, SERVICE_PORT},
 };
 
@@ -209,9 +210,8 @@ pub fn measure(
     let mut round_ratios: BTreeMap<(Suite, Config), Vec<f64>> = BTreeMap::new();
     for round in 0..=rounds {
         let mut round_p50 = BTreeMap::new();
-        // Each run takes its turn at going first.
-        for k in 0..runs.len() {
-            let (suite, config) = runs[(k + round) % runs.len()];
+        for k in round_order(runs.len(), round) {
+            let (suite, config) = runs[k];
             let args = probe_args(clients, suite, config, scale, round, samples_per_round);
             let summary = probe::collect_echo(clients.tb.spawn_probe(&args)?)?;
             check(suite, config, &summary)?;
@@ -333,7 +333,7 @@ pub fn probe_args(
 }
 
 /// Connects per second through TCP over IPv4 with 2 concurrent clients, direct and through lb,
-/// each measured twice in alternation.
+/// each measured twice, in the order direct, lb, lb, direct (so that a steady drift cancels).
 pub fn throughput(
     clients: &Clients,
     scale: usize,
@@ -343,8 +343,8 @@ pub fn throughput(
     for (name, config) in [
         ("direct", Config::Direct),
         ("lb", Config::Lb),
-        ("direct", Config::Direct),
         ("lb", Config::Lb),
+        ("direct", Config::Direct),
     ] {
         let mut args = probe_args(clients, Suite::Tcp4, config, scale, 0, 10_000_000);
         args.duration_ms = Some(seconds * 1000);

@@ -9,8 +9,10 @@
 //!    inside lb's cgroup); and for TCP over IPv4 also kube-proxy-shaped iptables rules. All
 //!    configurations are interleaved round by round so that drift hits all alike, and compared
 //!    with the floor of the same round.
-//! 2. Throughput: TCP connects per second with 2 concurrent clients, through lb and direct.
-//! 3. Control plane ([`control_plane`]) at 10 000 IPv4 Services × 10 endpoints: cold programming
+//! 2. What attaching lb costs the host's other sockets ([`host`]): the direct exchanges, from
+//!    outside and inside lb's cgroup, against the same with no lb program attached anywhere.
+//! 3. Throughput: TCP connects per second with 2 concurrent clients, through lb and direct.
+//! 4. Control plane ([`control_plane`]) at 10 000 IPv4 Services × 10 endpoints: cold programming
 //!    from manifests and from the API server, endpoint-change latency (event pushed → maps
 //!    written, 200 changes), agent RSS.
 //!
@@ -19,6 +21,7 @@
 
 mod control_plane;
 mod datapath;
+mod host;
 mod report;
 mod workload;
 
@@ -59,7 +62,7 @@ pub struct Plan {
 
 pub const FULL: Plan = Plan {
     scales: &[1, 1_000, 10_000],
-    rounds: 20,
+    rounds: 40,
     samples_per_round: 200,
     throughput_secs: 2,
 };
@@ -114,9 +117,11 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
         machine: report::machine(),
         datapath: BTreeMap::new(),
         programming: BTreeMap::new(),
+        host: None,
         throughput_connects_per_s: BTreeMap::new(),
         control_plane: BTreeMap::new(),
         run_seconds: 0.0,
+        load_average: [report::load_average(), String::new()],
     };
 
     for &scale in &scales {
@@ -181,7 +186,7 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
     }
 
     step(&format!(
-        "throughput at {largest} Services: 2 concurrent clients, {} s each way, twice",
+        "throughput at {largest} Services: 2 concurrent clients, {} s each way, twice (ABBA)",
         plan.throughput_secs
     ));
     let clients = Clients {
@@ -192,8 +197,21 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
     report.throughput_connects_per_s =
         datapath::throughput(&clients, largest, plan.throughput_secs)?;
 
+    step(&format!(
+        "what attaching lb costs other sockets: {} rounds, lb attached and detached in turn",
+        plan.rounds
+    ));
+    report.host = Some(host::measure(
+        &mut tb,
+        &iptables_ns,
+        &floor_cgroup,
+        plan.rounds,
+        plan.samples_per_round,
+    )?);
+
     report.control_plane = control_plane::measure(&mut tb, largest)?;
     report.run_seconds = started.elapsed().as_secs_f64();
+    report.load_average[1] = report::load_average();
 
     report::print(&report);
     let json_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench.json");
@@ -246,6 +264,28 @@ fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The order of a round's `n` runs: run `round % n` first, so that each takes its turn at going
+/// first, then the others in an order shuffled per round (fixed by `round`, so runs repeat).
+///
+/// Shuffled, not merely rotated: rotation keeps the cyclic order, so every run would always follow
+/// the same other run, and what that one leaves behind would bias it. With rotation alone, TCP
+/// over IPv6 to the pods (a), always run just after the iptables namespace's run (e), came out
+/// 4-5 % slower than the same connects from lb's cgroup (c), at 1 and 1 000 Services; shuffled,
+/// they agree within 0.5 %.
+fn round_order(n: usize, round: usize) -> Vec<usize> {
+    let first = round % n.max(1);
+    let mut rest: Vec<usize> = (0..n).filter(|&k| k != first).collect();
+    // xorshift64, seeded by the round; Fisher-Yates.
+    let mut x = 0x9E37_79B9_7F4A_7C15_u64 ^ (round as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+    for i in (1..rest.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        rest.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    std::iter::once(first).chain(rest).take(n).collect()
+}
+
 /// The `p`th percentile, in microseconds, of nanosecond samples.
 fn percentile(samples: &[u64], p: f64) -> f64 {
     if samples.is_empty() {
@@ -263,4 +303,29 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn each_round_runs_everything_once_and_each_run_goes_first_in_turn() {
+        for round in 0..50 {
+            let mut order = round_order(19, round);
+            assert_eq!(order[0], round % 19);
+            order.sort_unstable();
+            assert_eq!(order, (0..19).collect::<Vec<_>>());
+        }
+        // Not a rotation: the run after run 0 changes from round to round.
+        let followers: std::collections::BTreeSet<usize> = (0..40)
+            .map(|round| {
+                let order = round_order(19, round);
+                let at = order.iter().position(|&k| k == 0).unwrap();
+                order[(at + 1) % 19]
+            })
+            .collect();
+        assert!(followers.len() > 5, "{followers:?}");
+        assert_eq!(round_order(0, 3), Vec::<usize>::new());
+    }
 }

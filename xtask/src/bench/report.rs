@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::datapath::{Config, Latency, Suite};
+use super::{
+    datapath::{Config, Latency, Suite},
+    host::HostReport,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -14,10 +17,24 @@ pub struct Report {
     pub datapath: BTreeMap<Suite, BTreeMap<usize, BTreeMap<Config, Latency>>>,
     /// Services → the cold programming of the datapath's dual-stack Services.
     pub programming: BTreeMap<usize, Value>,
+    /// What attaching lb costs sockets it does not translate, against a host without lb.
+    pub host: Option<HostReport>,
     pub throughput_connects_per_s: BTreeMap<&'static str, f64>,
     pub control_plane: BTreeMap<&'static str, Value>,
     /// The whole run, build excluded.
     pub run_seconds: f64,
+    /// /proc/loadavg when the run started and when it ended: other work on the machine shows
+    /// here (on 2 cores, a concurrent build moves every figure).
+    pub load_average: [String; 2],
+}
+
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn print(report: &Report) {
@@ -49,9 +66,48 @@ pub fn print(report: &Report) {
         }
     }
 
-    println!("\nProgramming the dual-stack Services (4 frontends each), cold");
+    if let Some(host) = &report.host {
+        println!(
+            "\nAgainst a host without lb (a0: direct, no lb program attached anywhere; 1 Service; p50 µs)"
+        );
+        println!(
+            "  {:<10} {:>8} {:>8} {:>8} {:>7} {:>7}  target",
+            "suite", "a0", "a", "c", "a/a0", "c/a0"
+        );
+        for (suite, h) in &host.suites {
+            println!(
+                "  {:<10} {:>8.1} {:>8.1} {:>8.1} {:>7.3} {:>7.3}  c/a0 <= {:.2} {}",
+                format!("{suite:?}"),
+                h.p50_us_without_lb,
+                h.p50_us_floor,
+                h.p50_us_bystander,
+                h.floor_ratio,
+                h.bystander_ratio,
+                h.target,
+                verdict(h.met)
+            );
+        }
+        if host.foreign_programs > 0 {
+            println!(
+                "  WARNING: {} cgroup sock_addr programs of others were attached while lb's were not: a0 had the hooks on too",
+                host.foreign_programs
+            );
+        }
+    }
+
+    println!("\nProgramming the datapath's dual-stack Services (cold, from manifests)");
     for (scale, p) in &report.programming {
-        println!("  {scale:>6} Services: {p}");
+        let ms = |k: &str| p["breakdown_ms"][k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  {scale:>6} Services, {:>6} frontends: sync {:.0} ms (read {:.0}, model {:.0}, apply {:.0}); start to synced {} ms; RSS {:.1} MiB",
+            p["frontends"],
+            p["sync_ms"].as_f64().unwrap_or(f64::NAN),
+            ms("read"),
+            ms("model"),
+            ms("apply"),
+            p["wall_ms"],
+            p["rss_mib"].as_f64().unwrap_or(f64::NAN),
+        );
     }
     println!("\nThroughput, TCP over IPv4, 2 concurrent clients (connects/s)");
     for (name, rate) in &report.throughput_connects_per_s {
@@ -61,6 +117,11 @@ pub fn print(report: &Report) {
     for (key, value) in &report.control_plane {
         println!("  {key:<30} {value}");
     }
+
+    println!(
+        "\nLoad average (1, 5, 15 min) at the start: {}; at the end: {}",
+        report.load_average[0], report.load_average[1]
+    );
 
     println!("\nTargets");
     let mut missed = Vec::new();
@@ -89,6 +150,25 @@ pub fn print(report: &Report) {
             format!("; MISSED: {}", missed.join(", "))
         }
     );
+    if let Some(host) = &report.host {
+        let missed: Vec<String> = host
+            .suites
+            .iter()
+            .filter(|(_, h)| !h.met)
+            .map(|(s, h)| format!("{s:?} {:.3}", h.bystander_ratio))
+            .collect();
+        println!(
+            "  bystanders against a host without lb (c/a0 <= {:.2}): {} of {} met{}",
+            super::host::TARGET,
+            host.suites.len() - missed.len(),
+            host.suites.len(),
+            if missed.is_empty() {
+                String::new()
+            } else {
+                format!("; MISSED: {}", missed.join(", "))
+            }
+        );
+    }
     let cp = |k: &str| {
         report
             .control_plane
