@@ -16,8 +16,8 @@
 //! programmed: nothing here depends on the number of Services (a socket that is not translated
 //! costs one failed lookup per program). The agent is stopped in both phases; its programs stay
 //! attached through their pins until `reset`. Each phase first waits [`SETTLE`] and runs every
-//! suite once unrecorded: without the wait, the kernel freeing the reset maps (hundreds of MB
-//! preallocated, released by a worker after `reset` returns) made a0's TCP 7 % slower than a.
+//! suite once unrecorded: without the wait, a0's TCP came out 7 % slower than a (most likely the
+//! kernel still freeing the reset maps, about 200 MB preallocated, in a worker).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -128,8 +128,7 @@ pub fn measure(
                     if warm_up && config != Config::Direct {
                         continue;
                     }
-                    let args =
-                        probe_args(&clients, suite, config, 1, round, samples_per_round);
+                    let args = probe_args(&clients, suite, config, 1, round, samples_per_round);
                     let s = probe::collect_echo(tb.spawn_probe(&args)?)?;
                     ensure!(
                         s.errors == 0 && s.foreign_sources == 0,

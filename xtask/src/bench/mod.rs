@@ -270,8 +270,8 @@ fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
 /// Shuffled, not merely rotated: rotation keeps the cyclic order, so every run would always follow
 /// the same other run, and what that one leaves behind would bias it. With rotation alone, TCP
 /// over IPv6 to the pods (a), always run just after the iptables namespace's run (e), came out
-/// 4-5 % slower than the same connects from lb's cgroup (c), at 1 and 1 000 Services; shuffled,
-/// they agree within 0.5 %.
+/// 2-5 % slower than the same connects from lb's cgroup (c), at 1 and 1 000 Services; shuffled,
+/// they agree within about 1 %.
 fn round_order(n: usize, round: usize) -> Vec<usize> {
     let first = round % n.max(1);
     let mut rest: Vec<usize> = (0..n).filter(|&k| k != first).collect();
