@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_ANY,
-    btf_maps::{HashMap, LruHashMap, SkStorage},
+    btf_maps::{HashMap, LruHashMap},
     macros::btf_map,
     programs::SockAddrContext,
 };
@@ -59,38 +59,6 @@ static LB4_SOCK_BACKEND: LruHashMap<SockFrontend4Key, SockBackend4, SOCKET_MAP_E
 #[btf_map]
 static LB6_SOCK_BACKEND: LruHashMap<SockFrontend6Key, SockBackend6, SOCKET_MAP_ENTRIES> =
     LruHashMap::new();
-
-/// Socket-local storage: present on the sockets lb translated, and on no other. The reply and
-/// peer programs check it first, so the sockets lb never touched (nearly all of them) cost no
-/// cookie and no hash lookup per datagram; it goes away with the socket.
-#[btf_map]
-static LB_SOCK_TRANSLATED: SkStorage<SockTranslated> = SkStorage::new();
-
-/// Value of `LB_SOCK_TRANSLATED`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SockTranslated {
-    /// Always 1; the entry's presence is what counts.
-    pub marker: u32,
-}
-
-/// Records that this socket's destination was translated at least once.
-#[inline(always)]
-pub fn mark_translated(ctx: &SockAddrContext) {
-    let mut value = SockTranslated { marker: 1 };
-    // SAFETY: the context's socket is valid for the program's duration. A failed allocation
-    // only means this socket's replies keep their Pod IP source.
-    unsafe {
-        LB_SOCK_TRANSLATED.get_or_insert_ptr_mut(ctx, Some(&mut value));
-    }
-}
-
-/// Whether this socket's destination was ever translated.
-#[inline(always)]
-pub fn was_translated(ctx: &SockAddrContext) -> bool {
-    // SAFETY: as above; a lookup only.
-    !unsafe { LB_SOCK_TRANSLATED.get_ptr_mut(ctx) }.is_null()
-}
 
 /// An address family's maps and address format. Addresses are network-order bytes, ports host
 /// order, as in the maps.

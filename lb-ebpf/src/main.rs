@@ -8,8 +8,7 @@
 //! - `recvmsg4`/`recvmsg6`: replies to a translated datagram show the frontend as their source;
 //! - `getpeername4`/`getpeername6`: a translated socket reports the frontend as its peer.
 //!
-//! A socket that addresses anything else costs one map lookup and is left alone; the replies and
-//! peer of a socket lb never translated cost one socket-storage check. IPv4 Services
+//! A socket that addresses anything else costs one map lookup and is left alone. IPv4 Services
 //! reached through IPv4-mapped addresses (`::ffff:a.b.c.d`) on AF_INET6 sockets are served from
 //! the IPv4 maps. The maps are described in lb-common.
 #![no_std]
@@ -25,7 +24,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::ServiceEntry;
 
-use family::{Family, Inet, Inet6, Inet6Addr, mark_translated, was_translated};
+use family::{Family, Inet, Inet6, Inet6Addr};
 
 /// cgroup sock_addr verdicts.
 const ALLOW: i32 = 1;
@@ -185,9 +184,6 @@ fn show_frontend<F: Family>(
     (address, port): (F::Addr, u16),
     write: fn(&SockAddrContext, F::Addr, u16),
 ) {
-    if !was_translated(ctx) {
-        return;
-    }
     if let Some((frontend, frontend_port)) = F::reverse(cookie(ctx), address, port) {
         write(ctx, frontend, frontend_port);
     }
@@ -204,7 +200,6 @@ fn apply<F: Family>(
         Verdict::Translate(backend) => {
             let (address, port) = F::backend_addr(&backend);
             write(ctx, address, port);
-            mark_translated(ctx);
             ALLOW
         }
         Verdict::Refuse(service) => {

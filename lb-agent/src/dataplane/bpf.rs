@@ -48,10 +48,6 @@ pub const SOCKET_MAPS: [&str; 4] = [
     "LB6_SOCK_BACKEND",
 ];
 
-/// Socket-local storage marking the sockets lb translated (sized by the kernel per socket, freed
-/// with the socket); pinned so the marks outlive a restart of the agent.
-pub const SOCK_TRANSLATED_MAP: &str = "LB_SOCK_TRANSLATED";
-
 /// The programs, each attached to the cgroup through a link pinned as `<hook>_link`.
 pub const PROGRAMS: [Program; 8] = [
     // TCP and connected UDP.
@@ -110,11 +106,7 @@ fn pins() -> Vec<String> {
     let links = PROGRAMS
         .iter()
         .flat_map(|p| [p.link_pin(), p.staging_pin()]);
-    let maps = MAPS
-        .iter()
-        .chain(&SOCKET_MAPS)
-        .chain([&SOCK_TRANSLATED_MAP])
-        .map(|m| m.to_string());
+    let maps = MAPS.iter().chain(&SOCKET_MAPS).map(|m| m.to_string());
     links.chain(maps).collect()
 }
 
@@ -309,7 +301,6 @@ pub fn load_and_attach(
     let map_pins: Vec<(&str, PathBuf)> = MAPS
         .iter()
         .chain(&SOCKET_MAPS)
-        .chain([&SOCK_TRANSLATED_MAP])
         .map(|name| (*name, pin(name)))
         .collect();
     let level = log_level as u8;
@@ -398,8 +389,6 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
         (BACKENDS6_MAP, sizes::<BackendSlotKey, Backend6>()),
         (MEMBERS6_MAP, sizes::<BackendMember6Key, BackendMember>()),
         (NAMES_MAP, sizes::<u32, ServiceName>()),
-        // Socket-local storage: the key is the socket's fd, as the kernel requires.
-        (SOCK_TRANSLATED_MAP, sizes::<i32, u32>()),
     ];
     for (name, (key_size, value_size)) in expected {
         let path = pin_dir.join(name);
