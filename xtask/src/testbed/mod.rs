@@ -83,7 +83,8 @@ pub struct PodSpec {
     pub ip: Ipv4Addr,
     pub tcp_ports: Vec<u16>,
     pub udp_ports: Vec<u16>,
-    /// TCP ports that echo every byte back (for the benchmarks).
+    /// Ports that echo every byte back on TCP and every datagram back on UDP (for the
+    /// benchmarks).
     pub echo_ports: Vec<u16>,
 }
 

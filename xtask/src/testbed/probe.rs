@@ -388,9 +388,8 @@ fn udp(target: SocketAddr, want_peer: bool) -> Attempt {
 }
 
 /// One unconnected socket, bound to the wildcard address of `target`'s family, sending
-/// `messages` datagrams with sendto() (what lb's sendmsg hooks rewrite) and taking each reply
-/// with recvfrom() (whose source address lb's recvmsg hooks rewrite back).
-/// `--messages` datagrams on one unconnected socket, `--interval-ms` apart.
+/// `--messages` datagrams `--interval-ms` apart with sendto() (what lb's sendmsg hooks rewrite)
+/// and taking each reply with recvfrom() (whose source address lb's recvmsg hooks rewrite back).
 fn udp_unconnected(args: &ProbeArgs, index: u32, deadline: Instant) -> Vec<Attempt> {
     let target = args.target;
     let wildcard = match target {
