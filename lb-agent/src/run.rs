@@ -1,37 +1,39 @@
 //! `lb-agent run`: attach the datapath, then keep its maps in step with a source (the Kubernetes
 //! API, or manifest files) until SIGTERM.
+//!
+//! One pipeline, after Cilium's load-balancer control plane: a source (a task of its own) turns
+//! what it reads into model events; the reconcile loop owns the model ([`Cluster`]), applies the
+//! events, and hands the frontends that changed to the [`Reconciler`], which writes the maps,
+//! retries failed frontends and repairs drift.
 
 use std::{
-    collections::BTreeSet,
-    path::Path,
+    collections::BTreeMap,
+    path::PathBuf,
     pin::pin,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use futures::{FutureExt as _, StreamExt as _};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
-    time::{MissedTickBehavior, interval},
+    sync::mpsc,
+    time::{MissedTickBehavior, interval_at, sleep_until},
 };
-use tracing::{debug, error, info, level_filters::LevelFilter, warn};
+use tracing::{debug, info, level_filters::LevelFilter, warn};
 
 use crate::{
     RunArgs, cgroup,
-    dataplane::{
-        ApplyReport, Dataplane,
-        bpf::{self, BpfMaps},
-    },
+    dataplane::{ApplyReport, Dataplane, MapStore, bpf, reconcile::Reconciler},
     health::{self, Health},
-    model::{self, NodeContext},
+    model::{Cluster, NodeContext, ObjectRef},
     source::{
-        kube::{self as kube_source, KubeState},
-        manifest::{Fingerprint, ManifestSource},
+        Batch, kube as kube_source,
+        manifest::{self, ManifestSource},
     },
 };
 
-/// Most watch events folded into one sync; the rest of a burst goes into the next.
+/// Most events folded into one sync; the rest of a burst goes into the next.
 const MAX_BATCH: usize = 10_000;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -42,16 +44,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .block_on(run_async(args))
 }
 
-enum Source {
-    Manifests(ManifestSource),
-    Kube(kube::Client),
-}
+/// How often the maps are compared with the wanted state, and any drift repaired.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Batches a source may send ahead of the reconcile loop.
+const CHANNEL: usize = 1024;
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // The source first: a wrong --manifests or kubeconfig fails before the datapath is touched.
-    let source = match &args.manifests {
-        Some(path) => Source::Manifests(ManifestSource::new(path)?),
-        None => Source::Kube(kube_source::client(args.kubeconfig.as_deref()).await?),
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    let source: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &args.manifests {
+        Some(path) => Box::pin(manifest::follow(
+            ManifestSource::new(path, args.node_name.as_deref())?,
+            args.poll_interval,
+            tx,
+        )),
+        None => {
+            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+            info!(
+                "watching Services and EndpointSlices; the maps stay as they are until both are \
+                 listed"
+            );
+            Box::pin(kube_source::follow(client, args.node_name.clone(), tx))
+        }
     };
     let node = NodeContext {
         name: args.node_name.clone(),
@@ -77,19 +92,16 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     };
     let loaded = bpf::load_and_attach(&args.pin_dir, &cgroup, ebpf_level, args.socket_map_entries)?;
     relay_ebpf_logs(loaded.logger)?;
-    let mut dataplane = Dataplane::adopt(loaded.maps)?;
+    let dataplane = Dataplane::adopt(loaded.maps)?;
     info!(frontends = dataplane.len(), "adopted the pinned maps");
 
     let health = Health::default();
     health::serve(args.health_addr, health.clone()).await?;
 
+    tokio::spawn(source);
     let shutdown = pin!(shutdown_signal()?);
-    match source {
-        Source::Manifests(source) => {
-            follow_manifests(source, &mut dataplane, node, &args, &health, shutdown).await
-        }
-        Source::Kube(client) => follow_kube(client, &mut dataplane, node, &health, shutdown).await,
-    }?;
+    let reconciler = Reconciler::new(dataplane);
+    reconcile(rx, reconciler, node, &health, RESYNC_INTERVAL, shutdown).await?;
     info!(
         pins = %args.pin_dir.display(),
         "stopping; the datapath stays attached and keeps serving the last programmed state \
@@ -125,188 +137,132 @@ fn relay_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow
     Ok(())
 }
 
-/// Follows the Kubernetes API. Nothing is programmed until Services, EndpointSlices (and this
-/// node's Node) have all been listed; from then on each burst of events is one partial apply.
-async fn follow_kube(
-    client: kube::Client,
-    dataplane: &mut Dataplane<BpfMaps>,
+/// The one reconcile loop: the source's events go into the model; each burst is one sync, whose
+/// changed frontends the reconciler writes. Nothing is programmed until the source has a full
+/// view; then the maps are brought to it in one step and the agent is ready. Frontends whose
+/// write failed are retried on their backoff timer, and every `resync_interval` the maps are
+/// compared with the wanted state and repaired.
+async fn reconcile<S: MapStore>(
+    mut rx: mpsc::Receiver<Batch>,
+    mut reconciler: Reconciler<S>,
     node: NodeContext,
     health: &Health,
+    resync_interval: Duration,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
-    let mut updates = kube_source::watch(client, node.name.as_deref());
-    let mut state = KubeState::new(node);
-    let mut failing = BTreeSet::new();
+    let mut cluster = Cluster::new(node);
+    let mut origins: BTreeMap<ObjectRef, PathBuf> = BTreeMap::new();
+    let mut synced = false;
     let mut programmed = false;
-    info!("watching Services and EndpointSlices; the maps stay as they are until both are listed");
+    let mut resync = interval_at(
+        tokio::time::Instant::now() + resync_interval,
+        resync_interval,
+    );
+    resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
-        let first = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            update = updates.next() => update,
-        };
-        let Some(first) = first else {
-            bail!("the Kubernetes watches ended unexpectedly");
-        };
-        let mut events = 1;
-        let mut handle = |update: kube_source::Update, state: &mut KubeState| match update.change {
-            Ok(change) => {
-                if failing.remove(&update.kind) {
-                    info!(kind = update.kind.as_str(), "watch recovered");
-                }
-                state.apply(change);
-            }
-            Err(e) => {
-                if failing.insert(update.kind) {
-                    warn!(
-                        kind = update.kind.as_str(),
-                        "watch failed: {e}; retrying with backoff; the datapath keeps the last \
-                         programmed state"
-                    );
-                } else {
-                    debug!(kind = update.kind.as_str(), "watch still failing: {e}");
-                }
+        let retry_at = reconciler.next_retry();
+        let retry = async move {
+            match retry_at {
+                Some(at) => sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
             }
         };
-        handle(first, &mut state);
-        // Coalesce a burst: events already waiting join this sync.
-        while events < MAX_BATCH {
-            match updates.next().now_or_never() {
-                Some(Some(update)) => {
-                    handle(update, &mut state);
-                    events += 1;
-                }
-                _ => break,
-            }
-        }
-        if !state.synced() {
-            continue;
-        }
-
-        let started = Instant::now();
-        let sync = state.cluster.sync();
-        let model = started.elapsed();
-        for problem in &sync.problems {
-            warn!("{problem}");
-        }
-        if programmed && sync.changed.is_empty() {
-            continue;
-        }
-        let started = Instant::now();
-        let report = if programmed {
-            dataplane.apply_changes(&sync.changed)
-        } else {
-            // First full view: bring the adopted maps to it, removing what is gone.
-            dataplane.apply(&state.cluster.state())
-        };
-        let timings = Timings {
-            model,
-            apply: started.elapsed(),
-            ..Default::default()
-        };
-        log_report(&report, dataplane.len(), events, sync.services, timings);
-        if !programmed {
-            programmed = true;
-            health.set_ready();
-            state.cluster.compact();
-            dataplane.compact();
-            release_freed_memory();
-            info!(frontends = dataplane.len(), "initial sync done; ready");
-        }
-    }
-}
-
-/// Follows manifest files: re-read once their fingerprint has held still for one tick, so a file
-/// being written in place is not read half-way.
-async fn follow_manifests(
-    mut source: ManifestSource,
-    dataplane: &mut Dataplane<BpfMaps>,
-    node: NodeContext,
-    args: &RunArgs,
-    health: &Health,
-    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> anyhow::Result<()> {
-    let root = args.manifests.as_deref().unwrap_or(Path::new("."));
-    let mut ticker = interval(args.poll_interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut applied: Option<Fingerprint> = None;
-    let mut pending: Option<Fingerprint> = None;
-    loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = ticker.tick() => {}
-        }
-        let fingerprint = match source.fingerprint() {
-            Ok(f) => f,
-            Err(e) => {
-                warn!("checking the manifests: {e:#}");
-                continue;
+            batch = rx.recv() => {
+                let Some(first) = batch else {
+                    bail!("the source stopped unexpectedly");
+                };
+                // Coalesce a burst: batches already waiting join this sync.
+                let mut batches = vec![first];
+                let mut events = batches[0].events.len();
+                while events < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(batch) => {
+                            events += batch.events.len();
+                            batches.push(batch);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let mut read: Option<Duration> = None;
+                for batch in batches {
+                    synced |= batch.synced;
+                    if let Some(r) = batch.read {
+                        read = Some(read.unwrap_or_default() + r);
+                    }
+                    for (object, origin) in batch.origins {
+                        match origin {
+                            Some(path) => drop(origins.insert(object, path)),
+                            None => drop(origins.remove(&object)),
+                        }
+                    }
+                    for event in batch.events {
+                        cluster.apply(event);
+                    }
+                }
+                if !synced {
+                    continue;
+                }
+                let started = Instant::now();
+                let sync = cluster.sync();
+                let model = started.elapsed();
+                for problem in &sync.problems {
+                    match origins.get(&problem.object) {
+                        Some(file) => warn!("{}: {problem}", file.display()),
+                        None => warn!("{problem}"),
+                    }
+                }
+                if programmed && sync.changed.is_empty() && read.is_none() {
+                    continue;
+                }
+                let started = Instant::now();
+                let report = if programmed {
+                    reconciler.apply_changes(&sync.changed, Instant::now())
+                } else {
+                    // First full view: bring the adopted maps to it, removing what is gone.
+                    reconciler.program_all(cluster.state(), Instant::now())
+                };
+                let timings = Timings {
+                    read: read.unwrap_or_default(),
+                    model,
+                    apply: started.elapsed(),
+                };
+                let frontends = reconciler.dataplane().len();
+                log_report(&report, frontends, events, sync.services, timings);
+                if !programmed {
+                    programmed = true;
+                    health.set_ready();
+                    cluster.compact();
+                    reconciler.dataplane_mut().compact();
+                    release_freed_memory();
+                    info!(frontends, "initial sync done; ready");
+                }
             }
-        };
-        if applied.as_ref() == Some(&fingerprint) {
-            pending = None;
-            continue;
+            _ = retry, if programmed => {
+                let started = Instant::now();
+                if let Some(report) = reconciler.retry(Instant::now()) && report.changed() {
+                    let timings = Timings { apply: started.elapsed(), ..Default::default() };
+                    log_report(&report, reconciler.dataplane().len(), 0, 0, timings);
+                }
+            }
+            _ = resync.tick(), if programmed => {
+                let started = Instant::now();
+                match reconciler.resync(Instant::now()) {
+                    Ok(report) if report.apply.changed() || !report.entries.is_empty() => {
+                        let timings = Timings { apply: started.elapsed(), ..Default::default() };
+                        log_report(&report.apply, reconciler.dataplane().len(), 0, 0, timings);
+                    }
+                    Ok(_) => debug!(
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "maps match the wanted state"
+                    ),
+                    Err(e) => warn!("comparing the maps with the wanted state: {e:#}"),
+                }
+            }
         }
-        if applied.is_some() && pending.as_ref() != Some(&fingerprint) {
-            pending = Some(fingerprint);
-            continue;
-        }
-        sync_manifests(&mut source, dataplane, &node, root);
-        applied = Some(fingerprint);
-        pending = None;
-        health.set_ready();
     }
-}
-
-/// Reads the manifests, translates them and applies the difference, reporting every problem with
-/// the file it came from.
-fn sync_manifests(
-    source: &mut ManifestSource,
-    dataplane: &mut Dataplane<BpfMaps>,
-    node: &NodeContext,
-    root: &Path,
-) {
-    let started = Instant::now();
-    let snapshot = match source.load() {
-        Ok(s) => s,
-        Err(e) => {
-            error!("reading manifests: {e:#}; keeping the current state");
-            return;
-        }
-    };
-    let read = started.elapsed();
-    for problem in &snapshot.errors {
-        warn!("{problem}");
-    }
-    // This node's zone, when the manifests hold its Node.
-    let mut node = node.clone();
-    node.zone = node
-        .name
-        .as_ref()
-        .and_then(|name| snapshot.zones.get(name).cloned().flatten());
-    let started = Instant::now();
-    let services = snapshot.services.len();
-    let translation = model::translate_inputs(snapshot.services, snapshot.slices, &node);
-    let model = started.elapsed();
-    for problem in &translation.problems {
-        let file = snapshot
-            .origins
-            .get(&problem.object)
-            .map(|p| p.as_path())
-            .unwrap_or(root);
-        warn!("{}: {problem}", file.display());
-    }
-    let started = Instant::now();
-    let report = dataplane.apply(&translation.state);
-    let timings = Timings {
-        read,
-        model,
-        apply: started.elapsed(),
-    };
-    log_report(&report, dataplane.len(), 1, services, timings);
-    source.compact();
-    dataplane.compact();
-    release_freed_memory();
 }
 
 /// Hands the memory freed after a large sync (parsed lists, translations) back to the system;
@@ -325,9 +281,6 @@ struct Timings {
 }
 
 fn log_report(report: &ApplyReport, frontends: usize, events: usize, services: usize, t: Timings) {
-    for (frontend, reason) in &report.failed {
-        error!(%frontend, "not programmed, kept as it was: {reason}");
-    }
     info!(
         frontends,
         added = report.added,

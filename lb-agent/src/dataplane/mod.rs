@@ -6,6 +6,7 @@
 
 pub mod bpf;
 pub mod plan;
+pub mod reconcile;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -125,8 +126,18 @@ pub struct ApplyReport {
     pub failed: Vec<(Frontend, String)>,
 }
 
+/// What one [`Dataplane::resync`] found in the maps and repaired.
+#[derive(Debug, Default)]
+pub struct ResyncReport {
+    /// Frontends whose entry or slots differed from what the agent wrote, and how.
+    pub frontends: Vec<(Frontend, String)>,
+    /// Entries no frontend reaches (removed) and member entries the maps lacked (written).
+    pub entries: Vec<String>,
+    /// The writes that brought the frontends back to the wanted state.
+    pub apply: ApplyReport,
+}
+
 impl ApplyReport {
-    #[cfg(test)]
     pub fn changed(&self) -> bool {
         self.added + self.updated + self.removed > 0
     }
@@ -157,6 +168,10 @@ impl<S: MapStore> Dataplane<S> {
     /// Number of frontends programmed.
     pub fn len(&self) -> usize {
         self.programmed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.programmed.is_empty()
     }
 
     /// Brings the maps to `desired`, changing only what differs; frontends not in `desired` are
@@ -272,6 +287,38 @@ impl<S: MapStore> Dataplane<S> {
         wanted
     }
 
+    /// Compares the maps with what the agent wrote and brings them back to `desired`: a frontend
+    /// whose entry or slots were changed or deleted behind the agent's back is rewritten (in the
+    /// order of [`plan`], as for any change), an entry the agent did not write is removed, and so
+    /// are slots, members and names no entry reaches; member entries missing for a backend in use
+    /// are written again.
+    pub fn resync(&mut self, desired: &DesiredState) -> anyhow::Result<ResyncReport> {
+        let snapshot = self.store.snapshot()?;
+        let actual = snapshot.frontends();
+        let mut report = ResyncReport::default();
+        let keys: BTreeSet<&FrontendKey> = actual.keys().chain(self.programmed.keys()).collect();
+        for key in keys {
+            if let Some(what) = drift(self.programmed.get(key), actual.get(key)) {
+                report.frontends.push((frontend_of(key), what));
+            }
+        }
+        let drifted = !report.frontends.is_empty();
+        if drifted {
+            self.programmed = actual;
+        }
+        report.apply = self.apply(desired);
+        let snapshot = if drifted || report.apply.changed() || !report.apply.failed.is_empty() {
+            self.store.snapshot()?
+        } else {
+            snapshot
+        };
+        for (write, what) in housekeeping(&snapshot, &self.programmed) {
+            self.store.write(&write)?;
+            report.entries.push(what);
+        }
+        Ok(report)
+    }
+
     /// Rebuilds the view of the maps from the maps, and deletes slots, members and names that no
     /// service entry reaches (left by an agent that stopped mid-change). Members missing for a
     /// backend in a slot below the count (maps of a version without member maps) are written, so
@@ -279,60 +326,133 @@ impl<S: MapStore> Dataplane<S> {
     fn reload(&mut self) -> anyhow::Result<()> {
         let snapshot = self.store.snapshot()?;
         let programmed = snapshot.frontends();
-
-        let reachable: BTreeMap<(Family, u32), usize> = programmed
+        let writes = housekeeping(&snapshot, &programmed);
+        let missing = writes
             .iter()
-            .map(|(k, p)| ((k.family(), p.service_id), p.slots.len()))
-            .collect();
-        let ids: BTreeSet<u32> = programmed.values().map(|p| p.service_id).collect();
-        // The member entries the maps should hold: one per backend in a slot below a count. A
-        // backend's family is its frontend's, so (id, backend) also says which map.
-        let members: BTreeSet<(u32, BackendAddr)> = programmed
-            .values()
-            .flat_map(|p| p.slots.iter().flatten().map(|b| (p.service_id, *b)))
-            .collect();
-        let present: BTreeSet<(u32, BackendAddr)> = snapshot.members().collect();
-        let orphans = snapshot
-            .backend_slots()
-            .filter(|(family, k)| {
-                reachable
-                    .get(&(*family, k.service_id))
-                    .is_none_or(|&count| k.slot as usize >= count)
-            })
-            .map(|(family, k)| Write::DeleteBackend(family, k))
-            .chain(
-                present
-                    .difference(&members)
-                    .map(|(id, b)| Write::DeleteMember(*id, *b)),
-            )
-            .chain(
-                snapshot
-                    .names
-                    .iter()
-                    .filter(|(id, _)| !ids.contains(id))
-                    .map(|(id, _)| Write::DeleteName(*id)),
-            )
-            .collect::<Vec<_>>();
-        for write in orphans {
-            debug!(?write, "removing unreachable map entry");
-            self.store.write(&write)?;
-        }
-        let missing = members
-            .difference(&present)
-            .map(|(id, b)| Write::PutMember(*id, *b))
-            .collect::<Vec<_>>();
-        if !missing.is_empty() {
+            .filter(|(w, _)| matches!(w, Write::PutMember(..)))
+            .count();
+        if missing > 0 {
             info!(
-                count = missing.len(),
+                count = missing,
                 "adding the member entries of backends in use that the maps lack (maps left by an \
                  lb version without member maps)"
             );
         }
-        for write in missing {
+        for (write, what) in writes {
+            debug!(?write, "{what}");
             self.store.write(&write)?;
         }
         self.programmed = programmed;
         Ok(())
+    }
+}
+
+/// The writes that remove slots, members and names no service entry of `programmed` reaches,
+/// then add the member entries missing for backends in a slot below a count; each with what it
+/// repairs.
+fn housekeeping(snapshot: &Snapshot, programmed: &Programmed) -> Vec<(Write, String)> {
+    let reachable: BTreeMap<(Family, u32), usize> = programmed
+        .iter()
+        .map(|(k, p)| ((k.family(), p.service_id), p.slots.len()))
+        .collect();
+    let ids: BTreeSet<u32> = programmed.values().map(|p| p.service_id).collect();
+    // The member entries the maps should hold: one per backend in a slot below a count. A
+    // backend's family is its frontend's, so (id, backend) also says which map.
+    let members: BTreeSet<(u32, BackendAddr)> = programmed
+        .values()
+        .flat_map(|p| p.slots.iter().flatten().map(|b| (p.service_id, *b)))
+        .collect();
+    let present: BTreeSet<(u32, BackendAddr)> = snapshot.members().collect();
+    let mut writes = Vec::new();
+    for (family, k) in snapshot.backend_slots() {
+        let reached = reachable
+            .get(&(family, k.service_id))
+            .is_some_and(|&count| (k.slot as usize) < count);
+        if !reached {
+            writes.push((
+                Write::DeleteBackend(family, k),
+                format!(
+                    "removed backend slot {} of service id {}, which no entry reaches",
+                    k.slot, k.service_id
+                ),
+            ));
+        }
+    }
+    for (id, b) in present.difference(&members) {
+        writes.push((
+            Write::DeleteMember(*id, *b),
+            format!(
+                "removed member entry {} of service id {id}, in no slot",
+                backend_of(b)
+            ),
+        ));
+    }
+    for (id, _) in snapshot.names.iter().filter(|(id, _)| !ids.contains(id)) {
+        writes.push((
+            Write::DeleteName(*id),
+            format!("removed the name of service id {id}, which no entry has"),
+        ));
+    }
+    for (id, b) in members.difference(&present) {
+        writes.push((
+            Write::PutMember(*id, *b),
+            format!(
+                "wrote the missing member entry {} of service id {id}",
+                backend_of(b)
+            ),
+        ));
+    }
+    writes
+}
+
+/// How the maps' version of a frontend differs from what the agent wrote, if it does.
+fn drift(wrote: Option<&ProgrammedFrontend>, found: Option<&ProgrammedFrontend>) -> Option<String> {
+    let show =
+        |b: Option<BackendAddr>| b.map_or("nothing".to_owned(), |b| backend_of(&b).to_string());
+    match (wrote, found) {
+        (None, None) => None,
+        (Some(_), None) => Some("its service entry was deleted".into()),
+        (None, Some(f)) => Some(format!(
+            "a service entry the agent did not write (service id {}, {} backends)",
+            f.service_id,
+            f.slots.len()
+        )),
+        (Some(w), Some(f)) if w == f => None,
+        (Some(w), Some(f)) => {
+            let mut what = Vec::new();
+            if w.service_id != f.service_id {
+                what.push(format!(
+                    "service id {} instead of {}",
+                    f.service_id, w.service_id
+                ));
+            }
+            if w.slots.len() != f.slots.len() {
+                what.push(format!(
+                    "backend count {} instead of {}",
+                    f.slots.len(),
+                    w.slots.len()
+                ));
+            }
+            for (slot, found) in f.slots.iter().enumerate() {
+                let wrote = w.slots.get(slot).copied().flatten();
+                match found {
+                    None => what.push(format!("slot {slot} missing")),
+                    Some(b) if Some(*b) != wrote => what.push(format!(
+                        "slot {slot} holds {} instead of {}",
+                        show(Some(*b)),
+                        show(wrote)
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if w.name != f.name {
+                what.push("its name entry was changed or deleted".into());
+            }
+            if what.is_empty() {
+                what.push("changed".into());
+            }
+            Some(what.join(", "))
+        }
     }
 }
 

@@ -597,3 +597,219 @@ fn applying_changes_touches_only_those_frontends_and_never_reuses_an_id() {
     assert_eq!(dp.store.writes - writes, 11);
     dp.store.assert_members_match_slots();
 }
+
+mod reconciler {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::dataplane::reconcile::{FIRST_BACKOFF, Reconciler};
+
+    fn reconciler(frontends: &[(u16, &[u8])], now: Instant) -> Reconciler<MemStore> {
+        let mut r = Reconciler::new(Dataplane::adopt(MemStore::default()).unwrap());
+        let report = r.program_all(desired(frontends), now);
+        assert!(report.failed.is_empty(), "{report:?}");
+        r
+    }
+
+    fn store(r: &mut Reconciler<MemStore>) -> &mut MemStore {
+        &mut r.dataplane_mut().store
+    }
+
+    fn slot(id: u32, slot: u32) -> (Family, BackendSlotKey) {
+        (
+            Family::V4,
+            BackendSlotKey {
+                service_id: id,
+                slot,
+            },
+        )
+    }
+
+    /// Resyncs, and checks that the maps then hold exactly `frontends` and nothing else.
+    fn resync_to(
+        r: &mut Reconciler<MemStore>,
+        frontends: &[(u16, &[u8])],
+    ) -> crate::dataplane::ResyncReport {
+        let report = r.resync(Instant::now()).unwrap();
+        let s = store(r);
+        for (port, lasts) in frontends {
+            let want: BTreeSet<BackendAddr> = lasts.iter().map(|&l| backend4(l)).collect();
+            assert_eq!(s.reachable(*port), Some(want), "port {port}");
+        }
+        assert_eq!(s.services.len(), frontends.len());
+        let slots: usize = frontends.iter().map(|(_, l)| l.len()).sum();
+        assert_eq!(s.backends.len(), slots, "no stray slot");
+        assert_eq!(s.names.len(), frontends.len(), "no stray name");
+        s.assert_members_match_slots();
+        report
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_with_backoff_until_it_succeeds() {
+        let t0 = Instant::now();
+        let mut r = reconciler(&[(80, &[1])], t0);
+        store(&mut r).fail_port = Some(81);
+        let next = desired(&[(80, &[1]), (81, &[2, 3])]);
+        let changed = [(frontend(81), Some(next.frontends[&frontend(81)].clone()))].into();
+        let report = r.apply_changes(&changed, t0);
+        assert_eq!(report.failed.len(), 1);
+        assert_eq!(r.next_retry(), Some(t0 + FIRST_BACKOFF));
+        assert!(r.retry(t0 + FIRST_BACKOFF / 2).is_none(), "not due yet");
+
+        // Still failing: the wait doubles.
+        let t1 = t0 + FIRST_BACKOFF;
+        assert_eq!(r.retry(t1).unwrap().failed.len(), 1);
+        assert_eq!(r.next_retry(), Some(t1 + 2 * FIRST_BACKOFF));
+
+        // The map takes writes again: the next retry programs it, and nothing is left to retry.
+        store(&mut r).fail_port = None;
+        let t2 = t1 + 2 * FIRST_BACKOFF;
+        let report = r.retry(t2).unwrap();
+        assert_eq!((report.added, report.failed.len()), (1, 0));
+        assert_eq!(r.next_retry(), None);
+        assert_eq!(
+            store(&mut r).reachable(81),
+            Some([backend4(2), backend4(3)].into())
+        );
+        assert_eq!(store(&mut r).violations, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_failing_frontend_that_is_deleted_is_no_longer_retried() {
+        let t0 = Instant::now();
+        let mut r = reconciler(&[], t0);
+        store(&mut r).fail_port = Some(81);
+        let next = desired(&[(81, &[2])]);
+        let report = r.apply_changes(
+            &[(frontend(81), Some(next.frontends[&frontend(81)].clone()))].into(),
+            t0,
+        );
+        assert_eq!(report.failed.len(), 1);
+        r.apply_changes(&[(frontend(81), None)].into(), t0);
+        assert_eq!(r.next_retry(), None);
+    }
+
+    #[test]
+    fn a_resync_with_no_drift_writes_nothing() {
+        let mut r = reconciler(&[(80, &[1, 2]), (81, &[])], Instant::now());
+        let writes = store(&mut r).writes;
+        let report = resync_to(&mut r, &[(80, &[1, 2]), (81, &[])]);
+        assert!(report.frontends.is_empty() && report.entries.is_empty());
+        assert_eq!(store(&mut r).writes, writes);
+    }
+
+    #[test]
+    fn a_deleted_slot_is_written_again() {
+        let mut r = reconciler(&[(80, &[1, 2, 3])], Instant::now());
+        let id = store(&mut r).id(80);
+        store(&mut r).backends.remove(&slot(id, 1));
+        let from = store(&mut r).log.len();
+        let report = resync_to(&mut r, &[(80, &[1, 2, 3])]);
+        assert_eq!(
+            report.frontends,
+            [(frontend(80), "slot 1 missing".to_owned())]
+        );
+        assert_eq!(
+            store(&mut r).log[from..],
+            [
+                Write::PutMember(id, backend4(2)),
+                Write::PutBackend(slot(id, 1).1, backend4(2)),
+            ],
+            "the member before the slot, as for any added backend"
+        );
+    }
+
+    #[test]
+    fn a_changed_slot_gets_its_backend_back_member_first_then_slot_then_the_strays_member() {
+        let mut r = reconciler(&[(80, &[1, 2])], Instant::now());
+        let id = store(&mut r).id(80);
+        store(&mut r).backends.insert(slot(id, 0), backend4(9));
+        let from = store(&mut r).log.len();
+        let report = resync_to(&mut r, &[(80, &[1, 2])]);
+        assert_eq!(report.frontends.len(), 1);
+        assert!(
+            report.frontends[0]
+                .1
+                .starts_with("slot 0 holds 10.244.0.9:8080 instead of 10.244.0.1:8080"),
+            "{:?}",
+            report.frontends
+        );
+        assert_eq!(
+            store(&mut r).log[from..],
+            [
+                Write::PutMember(id, backend4(1)),
+                Write::PutBackend(slot(id, 0).1, backend4(1)),
+                Write::DeleteMember(id, backend4(9)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_deleted_service_entry_is_added_again_in_the_documented_order() {
+        let mut r = reconciler(&[(80, &[1]), (81, &[2, 3])], Instant::now());
+        let key = *store(&mut r)
+            .services
+            .keys()
+            .find(|k| port(k) == 81)
+            .unwrap();
+        store(&mut r).services.remove(&key);
+        let from = store(&mut r).log.len();
+        let report = resync_to(&mut r, &[(80, &[1]), (81, &[2, 3])]);
+        assert_eq!(
+            report.frontends,
+            [(frontend(81), "its service entry was deleted".to_owned())]
+        );
+        let kinds: Vec<&str> = store(&mut r).log[from..]
+            .iter()
+            .map(|w| match w {
+                Write::PutName(..) => "name",
+                Write::PutMember(..) => "member",
+                Write::PutBackend(..) => "slot",
+                Write::PutService(..) => "entry",
+                _ => "delete",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["name", "member", "member", "slot", "slot", "entry"],
+            "name, members, slots, then the entry that makes them reachable"
+        );
+        store(&mut r).violations.clear();
+    }
+
+    #[test]
+    fn stray_entries_are_removed_and_a_deleted_member_is_written_again() {
+        let mut r = reconciler(&[(80, &[1, 2])], Instant::now());
+        let id = store(&mut r).id(80);
+        let s = store(&mut r);
+        // A service entry the agent never wrote, with a slot; a slot above the count; a member of
+        // no slot; a name of no entry; and a member entry deleted.
+        let stray = frontend_key(&frontend(99));
+        s.services.insert(
+            stray,
+            ServiceEntry {
+                service_id: 50,
+                backend_count: 1,
+                flags: 0,
+            },
+        );
+        s.backends.insert(slot(50, 0), backend4(7));
+        s.backends.insert(slot(id, 5), backend4(8));
+        s.members.insert((77, backend4(8)));
+        s.names.insert(60, ServiceName::new("x", "y", ""));
+        assert!(s.members.remove(&(id, backend4(2))));
+        let report = resync_to(&mut r, &[(80, &[1, 2])]);
+        assert_eq!(report.frontends.len(), 1, "{:?}", report.frontends);
+        assert_eq!(report.frontends[0].0, frontend(99));
+        assert_eq!(report.apply.removed, 1, "the stray entry goes first");
+        assert_eq!(report.entries.len(), 4, "{:?}", report.entries);
+        assert!(
+            report
+                .entries
+                .iter()
+                .any(|e| e.starts_with("wrote the missing member entry 10.244.0.2:8080")),
+            "{:?}",
+            report.entries
+        );
+    }
+}

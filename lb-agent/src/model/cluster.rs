@@ -23,6 +23,23 @@ pub struct ServiceKey {
     pub name: String,
 }
 
+/// A change to the model's inputs, as every source states it: the Kubernetes API's watch events
+/// and the manifest files' changes both arrive as these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    UpsertService(ServiceInput),
+    DeleteService(ServiceKey),
+    UpsertSlice(SliceInput),
+    /// Namespace and name of a slice that is gone.
+    DeleteSlice(String, String),
+    /// A complete list: these are all the Services.
+    ReplaceServices(Vec<ServiceInput>),
+    /// A complete list: these are all the EndpointSlices.
+    ReplaceSlices(Vec<SliceInput>),
+    /// This node's zone (its Node's `topology.kubernetes.io/zone`), or none.
+    NodeZone(Option<String>),
+}
+
 /// What one [`Cluster::sync`] changed.
 #[derive(Debug, Default)]
 pub struct Sync {
@@ -149,6 +166,24 @@ impl Cluster {
             }
         }
         self.dirty.insert(owner);
+    }
+
+    /// Applies one event: only the Services it touches are marked for the next
+    /// [`sync`](Self::sync).
+    pub fn apply(&mut self, event: Event) {
+        match event {
+            Event::UpsertService(svc) => self.upsert_service(svc),
+            Event::DeleteService(key) => self.delete_service(&key.namespace, &key.name),
+            Event::UpsertSlice(slice) => self.upsert_slice(slice),
+            Event::DeleteSlice(namespace, name) => self.delete_slice(&namespace, &name),
+            Event::ReplaceServices(all) => self.replace_services(all),
+            Event::ReplaceSlices(all) => self.replace_slices(all),
+            Event::NodeZone(zone) => {
+                let mut node = self.node.clone();
+                node.zone = zone;
+                self.set_node(node);
+            }
+        }
     }
 
     /// Replaces all Services with `services` (after a full list), marking only what changed.

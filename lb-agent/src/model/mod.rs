@@ -30,7 +30,7 @@ use std::{
     net::IpAddr,
 };
 
-pub use cluster::{Cluster, ServiceKey};
+pub use cluster::{Cluster, Event, ServiceKey};
 pub use endpoints::SliceInput;
 pub use problem::{ObjectRef, Problem};
 pub use service::ServiceInput;

@@ -5,7 +5,7 @@
 //! until it is complete, then replaces that kind's objects in one step, so the model never sees a
 //! partial view.
 
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _, stream::BoxStream};
@@ -19,7 +19,11 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use crate::model::{Cluster, NodeContext, ServiceInput, SliceInput};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::Batch;
+use crate::model::{Event, ServiceInput, ServiceKey, SliceInput};
 
 /// Label of a Node's zone, used for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -81,7 +85,7 @@ pub struct Update {
 
 /// All watches, merged: Services and EndpointSlices of every namespace, and this node's Node.
 pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Update> {
-    let services = follow(
+    let services = watch_kind(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
     )
@@ -89,7 +93,7 @@ pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Upda
         kind: Kind::Services,
         change: r.map(|e| Change::Services(Box::new(e))),
     });
-    let slices = follow(
+    let slices = watch_kind(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
     )
@@ -100,7 +104,7 @@ pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Upda
     let mut streams: Vec<BoxStream<'static, Update>> = vec![services.boxed(), slices.boxed()];
     if let Some(name) = node_name {
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let node = follow(Api::<Node>::all(client), config).map(|r| Update {
+        let node = watch_kind(Api::<Node>::all(client), config).map(|r| Update {
             kind: Kind::Node,
             change: r.map(|e| Change::Node(Box::new(e))),
         });
@@ -110,7 +114,7 @@ pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Upda
 }
 
 /// A watcher with kube's default backoff, keeping only what the model reads.
-fn follow<K>(
+fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
@@ -176,28 +180,25 @@ impl<I> Listing<I> {
     }
 }
 
-/// The model as the API server describes it.
-pub struct KubeState {
-    pub cluster: Cluster,
+/// Turns the watches' events into model events. A (re-)list is buffered until complete and then
+/// replaces that kind's objects in one step.
+pub struct KubeFeed {
     services: Listing<ServiceInput>,
     slices: Listing<SliceInput>,
     /// The node's zone label.
     node: Listing<Option<String>>,
 }
 
-impl KubeState {
-    /// `node.zone` is filled in from the Node object; without a node name, there is no Node to
-    /// wait for.
-    pub fn new(node: NodeContext) -> Self {
-        let node_listing = Listing {
-            synced: node.name.is_none(),
-            buffer: None,
-        };
+impl KubeFeed {
+    /// Without a node name, there is no Node to wait for.
+    pub fn new(watches_node: bool) -> Self {
         Self {
-            cluster: Cluster::new(node),
             services: Listing::default(),
             slices: Listing::default(),
-            node: node_listing,
+            node: Listing {
+                synced: !watches_node,
+                buffer: None,
+            },
         }
     }
 
@@ -206,20 +207,22 @@ impl KubeState {
         self.services.synced && self.slices.synced && self.node.synced
     }
 
-    pub fn apply(&mut self, change: Change) {
-        let cluster = &mut self.cluster;
+    /// The model event a watch event makes, if any.
+    pub fn feed(&mut self, change: Change) -> Option<Event> {
         match change {
             Change::Services(event) => match self.services.feed(*event, ServiceInput::parse) {
-                Feed::Replace(all) => cluster.replace_services(all),
-                Feed::Upsert(svc) => cluster.upsert_service(svc),
-                Feed::Delete(namespace, name) => cluster.delete_service(&namespace, &name),
-                Feed::Pending => {}
+                Feed::Replace(all) => Some(Event::ReplaceServices(all)),
+                Feed::Upsert(svc) => Some(Event::UpsertService(svc)),
+                Feed::Delete(namespace, name) => {
+                    Some(Event::DeleteService(ServiceKey { namespace, name }))
+                }
+                Feed::Pending => None,
             },
             Change::EndpointSlices(event) => match self.slices.feed(*event, SliceInput::parse) {
-                Feed::Replace(all) => cluster.replace_slices(all),
-                Feed::Upsert(slice) => cluster.upsert_slice(slice),
-                Feed::Delete(namespace, name) => cluster.delete_slice(&namespace, &name),
-                Feed::Pending => {}
+                Feed::Replace(all) => Some(Event::ReplaceSlices(all)),
+                Feed::Upsert(slice) => Some(Event::UpsertSlice(slice)),
+                Feed::Delete(namespace, name) => Some(Event::DeleteSlice(namespace, name)),
+                Feed::Pending => None,
             },
             Change::Node(event) => {
                 // Watched by name: a list holds this node or nothing.
@@ -227,12 +230,55 @@ impl KubeState {
                     Feed::Replace(mut all) => all.pop().flatten(),
                     Feed::Upsert(zone) => zone,
                     Feed::Delete(..) => None,
-                    Feed::Pending => return,
+                    Feed::Pending => return None,
                 };
-                let mut context = cluster.node().clone();
-                context.zone = zone;
-                cluster.set_node(context);
+                Some(Event::NodeZone(zone))
             }
         }
     }
+}
+
+/// Follows the watches and sends their events, until the receiver is gone or the watches end.
+/// Watch failures are reported here, once per failure and once on recovery.
+pub async fn follow(client: Client, node_name: Option<String>, tx: mpsc::Sender<Batch>) {
+    let mut updates = watch(client, node_name.as_deref());
+    let mut feed = KubeFeed::new(node_name.is_some());
+    let mut failing = BTreeSet::new();
+    let mut synced = false;
+    while let Some(update) = updates.next().await {
+        let event = match update.change {
+            Ok(change) => {
+                if failing.remove(&update.kind) {
+                    info!(kind = update.kind.as_str(), "watch recovered");
+                }
+                feed.feed(change)
+            }
+            Err(e) => {
+                if failing.insert(update.kind) {
+                    warn!(
+                        kind = update.kind.as_str(),
+                        "watch failed: {e}; retrying with backoff; the datapath keeps the last \
+                         programmed state"
+                    );
+                } else {
+                    debug!(kind = update.kind.as_str(), "watch still failing: {e}");
+                }
+                None
+            }
+        };
+        let newly_synced = feed.synced() && !synced;
+        synced = feed.synced();
+        if event.is_none() && !newly_synced {
+            continue;
+        }
+        let batch = Batch {
+            events: event.into_iter().collect(),
+            synced,
+            ..Default::default()
+        };
+        if tx.send(batch).await.is_err() {
+            return;
+        }
+    }
+    error!("the Kubernetes watches ended unexpectedly");
 }

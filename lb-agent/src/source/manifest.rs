@@ -3,14 +3,22 @@
 //! directory (`*.yaml`, `*.yml`, `*.json`; not recursive; dot-files skipped, so an editor's or a
 //! tool's temporary file is never read half-written).
 //!
+//! Incremental: each poll looks at every file's identity, size and modification time, re-reads
+//! only the files that changed, and turns only the objects that changed into model events. A file
+//! renamed into place (a new inode: the atomic write) is complete and is read at once; a file
+//! rewritten in place is read once its size and modification time have held still for one poll.
+//!
 //! Bad input never takes anything away that was good: a file that does not parse keeps its
-//! previous objects, and an object that does not deserialize keeps its previous version.
+//! previous objects, and an object that does not deserialize keeps its previous version. A file
+//! that cannot be read at all keeps its objects too; until every file has been read once, the
+//! source is not synced (nothing is programmed and the agent is not ready).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt, fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -20,15 +28,20 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize as _;
 use serde_yaml::Value;
-use tracing::debug;
+use tokio::{
+    sync::mpsc,
+    time::{MissedTickBehavior, interval},
+};
+use tracing::{debug, error, info, warn};
 
+use super::Batch;
 use crate::{
-    model::{ObjectRef, ServiceInput, SliceInput},
+    model::{Event, ObjectRef, ServiceInput, ServiceKey, SliceInput},
     source::kube::node_zone,
 };
 
 /// A Service, EndpointSlice or Node read from a file, kept as the model keeps it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
     Service(ServiceInput),
     EndpointSlice(SliceInput),
@@ -61,28 +74,74 @@ impl fmt::Display for ManifestError {
     }
 }
 
-/// The objects of every file, and where each came from.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub services: Vec<ServiceInput>,
-    pub slices: Vec<SliceInput>,
-    /// Zones of the Nodes defined, by name.
-    pub zones: BTreeMap<String, Option<String>>,
-    pub origins: BTreeMap<ObjectRef, PathBuf>,
-    pub errors: Vec<ManifestError>,
+/// A file's identity, size and modification time: when they change, the file is read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
 }
 
-/// Files' sizes and modification times: when they change, the files are read again.
-pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+impl Fingerprint {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
+
+    /// Another file now has this name: it was renamed into place (or created), not written in
+    /// place.
+    fn replaced(&self, other: &Self) -> bool {
+        (self.dev, self.ino) != (other.dev, other.ino)
+    }
+}
+
+/// One file: what it defined when last read successfully.
+#[derive(Default)]
+struct File {
+    /// The fingerprint of the last read (successful or not); `None` before the first.
+    read: Option<Fingerprint>,
+    /// A change seen at the last poll, read when it holds still.
+    pending: Option<Fingerprint>,
+    /// Whether the file has been read (its text, whether or not it parsed) at least once.
+    ever_read: bool,
+    /// The last read error, reported once until it changes.
+    failure: Option<String>,
+    objects: BTreeMap<ObjectRef, Object>,
+}
+
+/// What one [`ManifestSource::poll`] found.
+#[derive(Debug, Default)]
+pub struct Poll {
+    pub events: Vec<Event>,
+    pub origins: BTreeMap<ObjectRef, Option<PathBuf>>,
+    pub errors: Vec<ManifestError>,
+    /// Files read in this poll.
+    pub files_read: usize,
+    /// Every file has been read at least once and the directory could be listed.
+    pub complete: bool,
+    /// The directory could not be listed (reported once until the error changes).
+    pub listing_error: Option<String>,
+}
 
 pub struct ManifestSource {
     root: PathBuf,
-    /// Last good objects of each file, in file order.
-    files: BTreeMap<PathBuf, Vec<(ObjectRef, Object)>>,
+    /// With `--node-name`: the Node whose zone is this node's.
+    node_name: Option<String>,
+    files: BTreeMap<PathBuf, File>,
+    /// Which files define each object, in name order: the last one wins (like repeated
+    /// `kubectl apply`).
+    defined_in: BTreeMap<ObjectRef, Vec<PathBuf>>,
+    /// The last listing error, reported once until it changes.
+    listing_failure: Option<String>,
 }
 
 impl ManifestSource {
-    pub fn new(root: &Path) -> anyhow::Result<Self> {
+    pub fn new(root: &Path, node_name: Option<&str>) -> anyhow::Result<Self> {
         fs::metadata(root).with_context(|| {
             format!(
                 "manifests not found at {}: pass --manifests with a file or directory of \
@@ -92,20 +151,28 @@ impl ManifestSource {
         })?;
         Ok(Self {
             root: root.to_owned(),
+            node_name: node_name.map(str::to_owned),
             files: BTreeMap::new(),
+            defined_in: BTreeMap::new(),
+            listing_failure: None,
         })
     }
 
     /// The manifest files, in name order.
     fn paths(&self) -> anyhow::Result<Vec<PathBuf>> {
-        if !self.root.is_dir() {
+        if !fs::metadata(&self.root)
+            .with_context(|| format!("reading {}", self.root.display()))?
+            .is_dir()
+        {
             return Ok(vec![self.root.clone()]);
         }
         let mut paths = Vec::new();
         for entry in
             fs::read_dir(&self.root).with_context(|| format!("listing {}", self.root.display()))?
         {
-            let path = entry?.path();
+            let path = entry
+                .with_context(|| format!("listing {}", self.root.display()))?
+                .path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let is_manifest = [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e));
             if is_manifest && !name.starts_with('.') && path.is_file() {
@@ -116,68 +183,238 @@ impl ManifestSource {
         Ok(paths)
     }
 
-    pub fn fingerprint(&self) -> anyhow::Result<Fingerprint> {
-        let mut out = Vec::new();
-        for path in self.paths()? {
-            // A file removed between listing and stat simply drops out.
-            if let Ok(meta) = fs::metadata(&path) {
-                out.push((path, meta.len(), meta.modified().ok()));
-            }
-        }
-        Ok(out)
-    }
-
     /// Re-allocates the objects kept after a large load (see `Cluster::compact`).
     pub fn compact(&mut self) {
-        self.files = self.files.clone();
+        for file in self.files.values_mut() {
+            file.objects = file.objects.clone();
+        }
+        self.defined_in = self.defined_in.clone();
     }
 
-    /// Reads every file again and returns all objects.
-    pub fn load(&mut self) -> anyhow::Result<Snapshot> {
-        let paths = self.paths()?;
-        let mut errors = Vec::new();
-        self.files.retain(|p, _| paths.contains(p));
-        for path in &paths {
-            let previous = self.files.remove(path).unwrap_or_default();
-            let objects = match fs::read_to_string(path) {
-                Ok(text) => parse_file(path, &text, &previous, &mut errors),
-                Err(e) => {
-                    errors.push(file_error(path, format!("cannot read: {e}")));
-                    previous
+    /// Looks at every file and reads those that are new, replaced, or changed in place and then
+    /// held still for one poll: the events are the objects that changed.
+    pub fn poll(&mut self) -> Poll {
+        let mut poll = Poll::default();
+        let paths = match self.paths() {
+            Ok(paths) => {
+                self.listing_failure = None;
+                paths
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                if self.listing_failure.as_ref() != Some(&message) {
+                    poll.listing_error = Some(message.clone());
                 }
-            };
-            self.files.insert(path.clone(), objects);
+                self.listing_failure = Some(message);
+                return poll;
+            }
+        };
+
+        // Files gone: what they defined goes too (unless another file defines it).
+        let listed: BTreeSet<&PathBuf> = paths.iter().collect();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !listed.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            debug!(file = %path.display(), "manifest removed");
+            self.replace_objects(&path, BTreeMap::new(), &mut poll);
+            self.files.remove(&path);
         }
 
-        let mut snapshot = Snapshot {
-            errors,
-            ..Default::default()
-        };
-        // Like repeated `kubectl apply`, a later file redefining an object wins.
-        let mut latest: BTreeMap<ObjectRef, (&PathBuf, &Object)> = BTreeMap::new();
-        for (path, objects) in &self.files {
+        for path in &paths {
+            // A file removed between listing and stat simply drops out at the next poll.
+            let Ok(meta) = fs::metadata(path) else {
+                continue;
+            };
+            let now = Fingerprint::of(&meta);
+            let file = self.files.entry(path.clone()).or_default();
+            let due = match file.read {
+                None => true,
+                Some(read) if read == now => false,
+                Some(read) => read.replaced(&now) || file.pending == Some(now),
+            };
+            if !due {
+                file.pending = (file.read != Some(now)).then_some(now);
+                continue;
+            }
+            file.pending = None;
+            file.read = Some(now);
+            let text = match fs::read(path) {
+                Ok(bytes) => String::from_utf8(bytes).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("cannot read: {e}")),
+            };
+            let text = match text {
+                Ok(text) => text,
+                Err(message) => {
+                    // Read again at every poll until it works; reported once.
+                    file.read = None;
+                    if file.failure.as_ref() != Some(&message) {
+                        let consequence = if file.ever_read {
+                            "keeping what this file defined before"
+                        } else {
+                            "nothing is programmed until every file has been read"
+                        };
+                        poll.errors
+                            .push(file_error(path, format!("{message}; {consequence}")));
+                    }
+                    file.failure = Some(message);
+                    continue;
+                }
+            };
+            if file.failure.take().is_some() {
+                info!(file = %path.display(), "manifest readable again");
+            }
+            file.ever_read = true;
+            poll.files_read += 1;
+            let objects =
+                parse_file(path, &text, &file.objects, &mut poll.errors).unwrap_or_else(|| {
+                    file.objects
+                        .iter()
+                        .map(|(k, o)| (k.clone(), o.clone()))
+                        .collect()
+                });
+            let mut by_key = BTreeMap::new();
             for (key, object) in objects {
-                if let Some((earlier, _)) = latest.insert(key.clone(), (path, object)) {
-                    snapshot.errors.push(ManifestError {
+                if by_key.insert(key.clone(), object).is_some() {
+                    poll.errors.push(ManifestError {
                         file: path.clone(),
                         document: None,
-                        object: Some(key.clone()),
-                        message: format!("also defined in {}; using this one", earlier.display()),
+                        object: Some(key),
+                        message: "defined twice in this file; using the later one".into(),
                     });
                 }
             }
+            self.replace_objects(path, by_key, &mut poll);
         }
-        for (key, (path, object)) in latest {
-            match object {
-                Object::Service(s) => snapshot.services.push(s.clone()),
-                Object::EndpointSlice(s) => snapshot.slices.push(s.clone()),
-                Object::Node { zone } => {
-                    drop(snapshot.zones.insert(key.name.clone(), zone.clone()))
-                }
+        poll.complete = self.files.values().all(|f| f.ever_read);
+        poll
+    }
+
+    /// The object `key` as the files define it now: the last file's.
+    fn effective(&self, key: &ObjectRef) -> Option<&Object> {
+        let path = self.defined_in.get(key)?.last()?;
+        self.files.get(path)?.objects.get(key)
+    }
+
+    /// Sets what `path` defines, and adds an event for every object whose effective version
+    /// changed.
+    fn replace_objects(
+        &mut self,
+        path: &Path,
+        objects: BTreeMap<ObjectRef, Object>,
+        poll: &mut Poll,
+    ) {
+        let old = self.files.get(path).map(|f| &f.objects);
+        let keys: BTreeSet<ObjectRef> = old
+            .into_iter()
+            .flat_map(|o| o.keys())
+            .chain(objects.keys())
+            .cloned()
+            .collect();
+        let before: Vec<Option<Object>> = keys.iter().map(|k| self.effective(k).cloned()).collect();
+        for key in &keys {
+            let files = self.defined_in.entry(key.clone()).or_default();
+            let at = files.binary_search_by(|p| p.as_path().cmp(path));
+            match (objects.contains_key(key), at) {
+                (true, Err(at)) => files.insert(at, path.to_owned()),
+                (false, Ok(at)) => drop(files.remove(at)),
+                _ => {}
             }
-            snapshot.origins.insert(key, path.clone());
+            if files.is_empty() {
+                self.defined_in.remove(key);
+            }
         }
-        Ok(snapshot)
+        for (key, files) in objects
+            .keys()
+            .filter_map(|k| Some((k, self.defined_in.get(k)?)))
+        {
+            if let [.., earlier, last] = files.as_slice() {
+                let other = if last == path { earlier } else { last };
+                let using = if last == path {
+                    "using this one".to_owned()
+                } else {
+                    format!("using the one in {}", last.display())
+                };
+                poll.errors.push(ManifestError {
+                    file: path.to_owned(),
+                    document: None,
+                    object: Some(key.clone()),
+                    message: format!("also defined in {}; {using}", other.display()),
+                });
+            }
+        }
+        self.files.entry(path.to_owned()).or_default().objects = objects;
+        for (key, before) in keys.into_iter().zip(before) {
+            let after = self.effective(&key);
+            if after == before.as_ref() {
+                continue;
+            }
+            let origin = self.defined_in.get(&key).and_then(|f| f.last()).cloned();
+            if let Some(event) = self.event(&key, after.cloned()) {
+                poll.events.push(event);
+            }
+            poll.origins.insert(key, origin);
+        }
+    }
+
+    /// The model event for `key` now being `object` (`None`: gone).
+    fn event(&self, key: &ObjectRef, object: Option<Object>) -> Option<Event> {
+        Some(match (key.kind, object) {
+            (_, Some(Object::Service(svc))) => Event::UpsertService(svc),
+            (_, Some(Object::EndpointSlice(slice))) => Event::UpsertSlice(slice),
+            (_, Some(Object::Node { zone })) => {
+                (self.node_name.as_deref() == Some(key.name.as_str())).then_some(())?;
+                Event::NodeZone(zone)
+            }
+            ("Service", None) => Event::DeleteService(ServiceKey {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+            }),
+            ("EndpointSlice", None) => Event::DeleteSlice(key.namespace.clone(), key.name.clone()),
+            (_, None) => {
+                (self.node_name.as_deref() == Some(key.name.as_str())).then_some(())?;
+                Event::NodeZone(None)
+            }
+        })
+    }
+}
+
+/// Polls the manifests every `poll_interval` and sends what changed, until the receiver is gone.
+pub async fn follow(mut source: ManifestSource, poll_interval: Duration, tx: mpsc::Sender<Batch>) {
+    let mut ticker = interval(poll_interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut synced = false;
+    loop {
+        ticker.tick().await;
+        let started = Instant::now();
+        let poll = source.poll();
+        let read = started.elapsed();
+        if let Some(e) = &poll.listing_error {
+            error!("reading manifests: {e}; keeping the current state");
+        }
+        for problem in &poll.errors {
+            warn!("{problem}");
+        }
+        let newly_synced = poll.complete && !synced;
+        synced |= poll.complete;
+        if poll.files_read == 0 && poll.events.is_empty() && !newly_synced {
+            continue;
+        }
+        let batch = Batch {
+            events: poll.events,
+            origins: poll.origins,
+            synced,
+            read: Some(read),
+        };
+        if tx.send(batch).await.is_err() {
+            return;
+        }
+        if newly_synced {
+            source.compact();
+        }
     }
 }
 
@@ -190,14 +427,14 @@ fn file_error(path: &Path, message: String) -> ManifestError {
     }
 }
 
-/// Parses one file. On a syntax error the file keeps `previous`; an object that does not
-/// deserialize keeps its version in `previous`, if any.
+/// Parses one file: `None` on a syntax error (the file keeps what it had). An object that does
+/// not deserialize keeps its version in `previous`, if any.
 fn parse_file(
     path: &Path,
     text: &str,
-    previous: &[(ObjectRef, Object)],
+    previous: &BTreeMap<ObjectRef, Object>,
     errors: &mut Vec<ManifestError>,
-) -> Vec<(ObjectRef, Object)> {
+) -> Option<Vec<(ObjectRef, Object)>> {
     // Each document is parsed into the model's form before the next is read, so a large file
     // never exists as a tree of YAML values all at once.
     let mut objects = Vec::new();
@@ -215,7 +452,7 @@ fn parse_file(
                     path,
                     format!("not valid YAML ({e}); {consequence}"),
                 ));
-                return previous.to_vec();
+                return None;
             }
         };
         let mut error = |object: Option<ObjectRef>, message: String| {
@@ -244,21 +481,19 @@ fn parse_file(
                 Ok(Some(parsed)) => objects.push(parsed),
                 Ok(None) => {}
                 Err((key, message)) => {
-                    let kept = key
-                        .as_ref()
-                        .and_then(|k| previous.iter().find(|(p, _)| p == k));
+                    let kept = key.as_ref().and_then(|k| previous.get_key_value(k));
                     let message = match kept {
                         Some(_) => format!("{message}; keeping its previous version"),
                         None => format!("{message}; skipped"),
                     };
                     error(key, message);
-                    objects.extend(kept.cloned());
+                    objects.extend(kept.map(|(k, o)| (k.clone(), o.clone())));
                 }
             }
         }
     }
     errors.append(&mut file_errors);
-    objects
+    Some(objects)
 }
 
 type ObjectError = (Option<ObjectRef>, String);
@@ -362,32 +597,54 @@ mod tests {
     const API: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: api}\n\
                        spec: {clusterIP: 10.96.0.11, ports: [{port: 443}]}\n";
 
-    fn write(dir: &Path, name: &str, text: &str) {
-        fs::write(dir.join(name), text).unwrap();
+    fn slice(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]\n"
+        )
     }
 
-    fn service_names(snapshot: &Snapshot) -> Vec<String> {
-        snapshot
-            .services
+    /// Writes atomically: a dot-file renamed into place.
+    fn write(dir: &Path, name: &str, text: &str) {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text).unwrap();
+        fs::rename(tmp, dir.join(name)).unwrap();
+    }
+
+    /// The events as short strings: `+Service shop/web`, `-EndpointSlice shop/s`, `zone=…`.
+    fn events(poll: &Poll) -> Vec<String> {
+        poll.events
             .iter()
-            .map(|s| format!("{}/{}", s.key.namespace, s.key.name))
+            .map(|e| match e {
+                Event::UpsertService(s) => format!("+Service {}/{}", s.key.namespace, s.key.name),
+                Event::DeleteService(k) => format!("-Service {}/{}", k.namespace, k.name),
+                Event::UpsertSlice(s) => format!("+EndpointSlice {}/{}", s.namespace, s.name),
+                Event::DeleteSlice(ns, n) => format!("-EndpointSlice {ns}/{n}"),
+                Event::NodeZone(z) => format!("zone={z:?}"),
+                other => format!("{other:?}"),
+            })
             .collect()
     }
 
     fn tempdir() -> PathBuf {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "lb-manifest-test-{}-{}",
             std::process::id(),
-            rand_suffix()
+            N.fetch_add(1, Ordering::Relaxed)
         ));
         fs::create_dir_all(&dir).unwrap();
         dir
     }
 
-    fn rand_suffix() -> u64 {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        N.fetch_add(1, Ordering::Relaxed)
+    fn web_ref() -> ObjectRef {
+        ObjectRef {
+            kind: "Service",
+            namespace: "shop".into(),
+            name: "web".into(),
+        }
     }
 
     #[test]
@@ -408,17 +665,103 @@ mod tests {
         write(&dir, "b.yml", &list);
         write(&dir, ".b.yml.swp", "junk: [");
         write(&dir, "notes.txt", "junk: [");
-        let snapshot = ManifestSource::new(&dir).unwrap().load().unwrap();
-        assert_eq!(service_names(&snapshot), ["default/api", "shop/web"]);
-        assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
-        assert_eq!(
-            snapshot.origins[&ObjectRef {
-                kind: "Service",
-                namespace: "shop".into(),
-                name: "web".into()
-            }],
-            dir.join("a.yaml")
+        let poll = ManifestSource::new(&dir, None).unwrap().poll();
+        assert_eq!(events(&poll), ["+Service shop/web", "+Service default/api"]);
+        assert!(poll.errors.is_empty(), "{:?}", poll.errors);
+        assert!(poll.complete);
+        assert_eq!(poll.origins[&web_ref()], Some(dir.join("a.yaml")));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_changed_file_yields_only_its_changed_objects() {
+        let dir = tempdir();
+        write(
+            &dir,
+            "a.yaml",
+            &format!("{WEB}---\n{}", slice("web-1", "10.0.0.1")),
         );
+        write(&dir, "b.yaml", API);
+        let mut source = ManifestSource::new(&dir, None).unwrap();
+        assert_eq!(source.poll().events.len(), 3);
+        assert!(source.poll().events.is_empty(), "nothing changed");
+
+        // Only the slice changed: one event, and b.yaml is not read.
+        write(
+            &dir,
+            "a.yaml",
+            &format!("{WEB}---\n{}", slice("web-1", "10.0.0.2")),
+        );
+        let poll = source.poll();
+        assert_eq!(events(&poll), ["+EndpointSlice shop/web-1"]);
+        assert_eq!(poll.files_read, 1);
+
+        // Rewritten with the same objects: read, but nothing changed.
+        write(
+            &dir,
+            "a.yaml",
+            &format!("{WEB}---\n{}", slice("web-1", "10.0.0.2")),
+        );
+        let poll = source.poll();
+        assert_eq!((poll.files_read, poll.events.len()), (1, 0));
+
+        // An object dropped from a file is deleted.
+        write(&dir, "a.yaml", WEB);
+        assert_eq!(events(&source.poll()), ["-EndpointSlice shop/web-1"]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_deleted_file_deletes_its_objects_unless_another_file_defines_them() {
+        let dir = tempdir();
+        write(&dir, "a.yaml", &format!("{WEB}---\n{API}"));
+        write(&dir, "b.yaml", API);
+        let mut source = ManifestSource::new(&dir, None).unwrap();
+        let poll = source.poll();
+        assert!(
+            poll.errors.iter().any(|e| e
+                .to_string()
+                .contains("(Service default/api): also defined in")),
+            "{:?}",
+            poll.errors
+        );
+
+        fs::remove_file(dir.join("b.yaml")).unwrap();
+        let poll = source.poll();
+        assert!(
+            poll.events.is_empty(),
+            "a.yaml still defines api the same way"
+        );
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        let poll = source.poll();
+        assert_eq!(events(&poll), ["-Service default/api", "-Service shop/web"]);
+        assert_eq!(poll.origins[&web_ref()], None);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn renamed_into_place_is_read_at_once_written_in_place_once_it_held_still() {
+        let dir = tempdir();
+        write(&dir, "a.yaml", WEB);
+        let mut source = ManifestSource::new(&dir, None).unwrap();
+        source.poll();
+
+        write(&dir, "a.yaml", API);
+        assert_eq!(
+            events(&source.poll()),
+            ["+Service default/api", "-Service shop/web"],
+            "a new inode is complete: read at once"
+        );
+
+        fs::write(dir.join("a.yaml"), WEB).unwrap();
+        let poll = source.poll();
+        assert_eq!(
+            (poll.files_read, poll.events.len()),
+            (0, 0),
+            "may be half-written"
+        );
+        let poll = source.poll();
+        assert_eq!(events(&poll), ["-Service default/api", "+Service shop/web"]);
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -427,18 +770,18 @@ mod tests {
         let dir = tempdir();
         write(&dir, "a.yaml", WEB);
         write(&dir, "b.yaml", API);
-        let mut source = ManifestSource::new(&dir).unwrap();
-        assert_eq!(source.load().unwrap().services.len(), 2);
+        let mut source = ManifestSource::new(&dir, None).unwrap();
+        assert_eq!(source.poll().events.len(), 2);
 
         write(
             &dir,
             "a.yaml",
             "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
         );
-        let snapshot = source.load().unwrap();
-        assert_eq!(service_names(&snapshot), ["default/api", "shop/web"]);
-        assert_eq!(snapshot.errors.len(), 1);
-        let message = snapshot.errors[0].to_string();
+        let poll = source.poll();
+        assert!(poll.events.is_empty(), "{:?}", events(&poll));
+        assert_eq!(poll.errors.len(), 1);
+        let message = poll.errors[0].to_string();
         assert!(
             message.starts_with(&format!("{}: not valid YAML", dir.join("a.yaml").display())),
             "{message}"
@@ -450,8 +793,8 @@ mod tests {
 
         // A file that never parsed has nothing to keep, and says so.
         write(&dir, "c.yaml", "kind: [");
-        let snapshot = source.load().unwrap();
-        let new_file = snapshot
+        let poll = source.poll();
+        let new_file = poll
             .errors
             .iter()
             .find(|e| e.file.ends_with("c.yaml"))
@@ -469,20 +812,14 @@ mod tests {
     fn a_bad_field_names_file_document_object_and_field_and_keeps_the_old_version() {
         let dir = tempdir();
         write(&dir, "a.yaml", &format!("{API}---\n{WEB}"));
-        let mut source = ManifestSource::new(&dir).unwrap();
-        source.load().unwrap();
+        let mut source = ManifestSource::new(&dir, None).unwrap();
+        source.poll();
 
         let bad = WEB.replace("port: 80", "port: eighty");
         write(&dir, "a.yaml", &format!("{API}---\n{bad}"));
-        let snapshot = source.load().unwrap();
-        assert_eq!(service_names(&snapshot), ["default/api", "shop/web"]);
-        let original: Service = serde_yaml::from_str(WEB).unwrap();
-        assert_eq!(
-            snapshot.services[1],
-            ServiceInput::parse(&original).unwrap(),
-            "the previous version stays"
-        );
-        let message = snapshot.errors[0].to_string();
+        let poll = source.poll();
+        assert!(poll.events.is_empty(), "the previous version stays");
+        let message = poll.errors[0].to_string();
         assert!(
             message.starts_with(&format!(
                 "{}: document 2 (Service shop/web): spec.ports[0].port: invalid type",
@@ -498,11 +835,10 @@ mod tests {
         // A new object that is bad from the start is skipped.
         let bad_new = bad.replace("name: web", "name: fresh");
         write(&dir, "b.yaml", &bad_new);
-        let snapshot = source.load().unwrap();
-        assert_eq!(snapshot.services.len(), 2);
+        let poll = source.poll();
+        assert!(poll.events.is_empty());
         assert!(
-            snapshot
-                .errors
+            poll.errors
                 .iter()
                 .any(|e| e.to_string().contains("(Service shop/fresh)")
                     && e.to_string().ends_with("skipped"))
@@ -519,8 +855,8 @@ mod tests {
             "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n\
              addressType: IPv4\nendpoints: []\n---\nfoo: bar\n",
         );
-        let snapshot = ManifestSource::new(&dir).unwrap().load().unwrap();
-        let messages: Vec<String> = snapshot.errors.iter().map(ToString::to_string).collect();
+        let poll = ManifestSource::new(&dir, None).unwrap().poll();
+        let messages: Vec<String> = poll.errors.iter().map(ToString::to_string).collect();
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(
             messages[0].contains(
@@ -536,16 +872,57 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_changes_when_a_file_is_added_or_rewritten() {
+    fn this_nodes_zone_comes_from_its_node() {
+        let dir = tempdir();
+        let node = |name: &str, zone: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: \
+                 {{topology.kubernetes.io/zone: {zone}}}}}\n"
+            )
+        };
+        write(
+            &dir,
+            "a.yaml",
+            &format!("{}---\n{}", node("a", "z1"), node("b", "z2")),
+        );
+        let mut source = ManifestSource::new(&dir, Some("b")).unwrap();
+        assert_eq!(events(&source.poll()), ["zone=Some(\"z2\")"]);
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert_eq!(events(&source.poll()), ["zone=None"]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_or_directory_that_cannot_be_read_leaves_the_source_incomplete() {
         let dir = tempdir();
         write(&dir, "a.yaml", WEB);
-        let source = ManifestSource::new(&dir).unwrap();
-        let first = source.fingerprint().unwrap();
+        // Reading /proc/self/mem from offset 0 fails (EIO), even as root.
+        std::os::unix::fs::symlink("/proc/self/mem", dir.join("b.yaml")).unwrap();
+        let mut source = ManifestSource::new(&dir, None).unwrap();
+        let poll = source.poll();
+        assert!(!poll.complete);
+        assert_eq!(events(&poll), ["+Service shop/web"]);
+        assert!(
+            poll.errors[0].to_string().contains("cannot read")
+                && poll.errors[0]
+                    .to_string()
+                    .ends_with("until every file has been read"),
+            "{:?}",
+            poll.errors
+        );
+        let poll = source.poll();
+        assert!(!poll.complete && poll.errors.is_empty(), "reported once");
+
+        fs::remove_file(dir.join("b.yaml")).unwrap();
         write(&dir, "b.yaml", API);
-        let second = source.fingerprint().unwrap();
-        assert_ne!(first, second);
-        write(&dir, "a.yaml", &format!("{WEB}# a comment\n"));
-        assert_ne!(second, source.fingerprint().unwrap());
-        fs::remove_dir_all(dir).unwrap();
+        let poll = source.poll();
+        assert!(poll.complete);
+        assert_eq!(events(&poll), ["+Service default/api"]);
+
+        // A directory that cannot be listed: nothing changes, reported once.
+        fs::remove_dir_all(&dir).unwrap();
+        let poll = source.poll();
+        assert!(poll.listing_error.is_some() && poll.events.is_empty() && !poll.complete);
+        assert!(source.poll().listing_error.is_none(), "reported once");
     }
 }

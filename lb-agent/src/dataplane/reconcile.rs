@@ -1,0 +1,175 @@
+//! The reconciler: keeps the wanted state of every frontend and brings the maps to it. A frontend
+//! whose write failed (a full map, too many backends, a transient error) is retried with backoff
+//! until it is programmed, and [`Reconciler::resync`] compares the maps with the wanted state and
+//! repairs what was changed behind the agent's back. Time is passed in, so tests drive it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, error, info, warn};
+
+use super::{ApplyReport, Dataplane, MapStore, ResyncReport};
+use crate::model::{DesiredState, Frontend, FrontendState};
+
+/// First retry of a failed frontend; each further one waits twice as long, up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A frontend whose wanted state is not in the maps.
+#[derive(Clone, Debug)]
+struct Failure {
+    reason: String,
+    attempts: u32,
+    retry_at: Instant,
+}
+
+pub struct Reconciler<S> {
+    dataplane: Dataplane<S>,
+    wanted: DesiredState,
+    failing: BTreeMap<Frontend, Failure>,
+}
+
+impl<S: MapStore> Reconciler<S> {
+    pub fn new(dataplane: Dataplane<S>) -> Self {
+        Self {
+            dataplane,
+            wanted: DesiredState::default(),
+            failing: BTreeMap::new(),
+        }
+    }
+
+    pub fn dataplane(&self) -> &Dataplane<S> {
+        &self.dataplane
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane<S> {
+        &mut self.dataplane
+    }
+
+    /// The first full view: the maps are brought to it, and what it lacks is removed.
+    pub fn program_all(&mut self, state: DesiredState, now: Instant) -> ApplyReport {
+        self.wanted = state;
+        let report = self.dataplane.apply(&self.wanted);
+        let attempted: BTreeSet<Frontend> = self.wanted.frontends.keys().copied().collect();
+        self.note(&report, &attempted, now);
+        report
+    }
+
+    /// Changed frontends (`None`: gone); the others stay as they are.
+    pub fn apply_changes(
+        &mut self,
+        changed: &BTreeMap<Frontend, Option<FrontendState>>,
+        now: Instant,
+    ) -> ApplyReport {
+        for (frontend, state) in changed {
+            match state {
+                Some(state) => drop(self.wanted.frontends.insert(*frontend, state.clone())),
+                None => drop(self.wanted.frontends.remove(frontend)),
+            }
+        }
+        let report = self.dataplane.apply_changes(changed);
+        let attempted: BTreeSet<Frontend> = changed.keys().copied().collect();
+        self.note(&report, &attempted, now);
+        report
+    }
+
+    /// When the next retry is due, if any frontend is failing.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.failing.values().map(|f| f.retry_at).min()
+    }
+
+    /// Retries the failing frontends whose backoff has passed; `None` when none was due.
+    pub fn retry(&mut self, now: Instant) -> Option<ApplyReport> {
+        let due: BTreeMap<Frontend, Option<FrontendState>> = self
+            .failing
+            .iter()
+            .filter(|(_, f)| f.retry_at <= now)
+            .map(|(frontend, _)| (*frontend, self.wanted.frontends.get(frontend).cloned()))
+            .collect();
+        if due.is_empty() {
+            return None;
+        }
+        let report = self.dataplane.apply_changes(&due);
+        let attempted: BTreeSet<Frontend> = due.into_keys().collect();
+        self.note(&report, &attempted, now);
+        Some(report)
+    }
+
+    /// Compares the maps with the wanted state and repairs any difference (failing frontends are
+    /// retried too). Every repair is logged.
+    pub fn resync(&mut self, now: Instant) -> anyhow::Result<ResyncReport> {
+        let report = self.dataplane.resync(&self.wanted)?;
+        for (frontend, what) in &report.frontends {
+            let service = self
+                .wanted
+                .frontends
+                .get(frontend)
+                .map(|s| s.service.to_string())
+                .unwrap_or_else(|| "no Service".into());
+            warn!(%frontend, %service, "repaired drift in the maps: {what}");
+        }
+        for what in &report.entries {
+            warn!("repaired drift in the maps: {what}");
+        }
+        let attempted: BTreeSet<Frontend> = self
+            .wanted
+            .frontends
+            .keys()
+            .chain(self.failing.keys())
+            .copied()
+            .collect();
+        self.note(&report.apply, &attempted, now);
+        Ok(report)
+    }
+
+    /// Records what an apply did: failures (logged when new) get a retry time; failing
+    /// frontends that were attempted and did not fail again are logged as recovered.
+    fn note(&mut self, report: &ApplyReport, attempted: &BTreeSet<Frontend>, now: Instant) {
+        let failed: BTreeMap<&Frontend, &String> =
+            report.failed.iter().map(|(f, r)| (f, r)).collect();
+        let recovered: Vec<Frontend> = self
+            .failing
+            .keys()
+            .filter(|f| attempted.contains(f) && !failed.contains_key(f))
+            .copied()
+            .collect();
+        for frontend in recovered {
+            let failure = self.failing.remove(&frontend).expect("listed");
+            if self.wanted.frontends.contains_key(&frontend) {
+                info!(
+                    %frontend,
+                    attempts = failure.attempts,
+                    "recovered: programmed after failing ({})",
+                    failure.reason
+                );
+            } else {
+                debug!(%frontend, "failing frontend is no longer wanted");
+            }
+        }
+        for (frontend, reason) in failed {
+            let failure = self.failing.entry(*frontend).or_insert_with(|| {
+                error!(%frontend, "not programmed, kept as it was: {reason}; retrying with backoff");
+                Failure {
+                    reason: reason.clone(),
+                    attempts: 0,
+                    retry_at: now,
+                }
+            });
+            failure.attempts += 1;
+            if failure.attempts > 1 {
+                debug!(%frontend, attempts = failure.attempts, "still failing: {reason}");
+            }
+            failure.reason = reason.clone();
+            failure.retry_at = now + backoff(failure.attempts);
+        }
+    }
+}
+
+/// The wait after the `attempts`-th failure.
+fn backoff(attempts: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
