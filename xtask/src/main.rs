@@ -111,7 +111,7 @@ fn setup() -> anyhow::Result<()> {
             "this kernel has no BTF (/sys/kernel/btf/vmlinux); lb needs a kernel built with CONFIG_DEBUG_INFO_BTF"
         );
     }
-    xtask::testbed::cgroup2_root()?;
+    lb_agent::cgroup::cgroup2_mount()?;
     // dnsmasq, musl-gcc, busybox and dig: the DNS pod and the resolver clients of the tests.
     let tools = [
         "ip",

@@ -167,7 +167,7 @@ impl Testbed {
                 "the testbed needs root (network namespaces, cgroups, BPF): run `xtask/run test` as root"
             );
         }
-        let cgroup_root = cgroup2_root()?;
+        let cgroup_root = lb_agent::cgroup::cgroup2_mount()?;
         cleanup::sweep_stale(&cgroup_root);
         let id = format!(
             "{}{}-{}",
@@ -192,7 +192,7 @@ impl Testbed {
         // A private BPF filesystem: the agent's pins live and die with this testbed.
         let bpffs = dir.join("bpf");
         std::fs::create_dir_all(&bpffs)?;
-        mount_bpffs(&bpffs)?;
+        lb_agent::dataplane::bpf::mount_bpffs(&bpffs)?;
         let bpffs_guard = cleanup::register(Undo::Unmount(bpffs.clone()));
 
         let cgroup = cgroup_root.join(&id);
@@ -572,35 +572,3 @@ fn attach(switch: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> anyhow::Resul
     ns.ip(&["link", "set", "eth0", "up"])
 }
 
-/// The cgroup v2 mount (any one shows the whole hierarchy).
-pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut fields = l.split_whitespace();
-            let (_, mount_point, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
-        .next()
-        .context("no cgroup v2 filesystem mounted; the testbed needs one (mount -t cgroup2 none /sys/fs/cgroup)")
-}
-
-fn mount_bpffs(target: &Path) -> anyhow::Result<()> {
-    let target_c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())?;
-    // SAFETY: valid NUL-terminated strings; no data.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target_c.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mounting a BPF filesystem at {}", target.display()));
-    }
-    Ok(())
-}

@@ -1,0 +1,80 @@
+//! The command line: `lb-agent run`, `list` and `reset`, and their flags.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load and attach the datapath, then keep its maps in step with the Services and
+    /// EndpointSlices of the Kubernetes API (or of --manifests). On SIGTERM the datapath stays in
+    /// place and keeps serving.
+    Run(RunArgs),
+    /// Show what the datapath holds: one row per frontend (reads the pinned maps; no agent needed).
+    List {
+        #[arg(long, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
+        pin_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Remove the datapath: detach the program and delete the pinned maps. Connects to
+    /// ClusterIPs are no longer rewritten afterwards.
+    Reset {
+        #[arg(long, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Serve the Services and EndpointSlices in this manifest file or directory (re-read whenever
+    /// a file changes) instead of following the Kubernetes API.
+    #[arg(long, value_name = "FILE|DIR")]
+    pub manifests: Option<PathBuf>,
+    /// kubeconfig for the Kubernetes API. Default: KUBECONFIG, ~/.kube/config, or the in-cluster
+    /// service account.
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name: for internalTrafficPolicy: Local, and to find its zone (the Node's
+    /// topology.kubernetes.io/zone label) for topology hints. Set it from the downward API.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Also serve Services labelled service.kubernetes.io/service-proxy-name with this value
+    /// (Services labelled with any other value belong to another proxy).
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
+    /// cgroup v2 directory whose processes (and descendants) get load-balanced connects.
+    /// Default: the root of the system's cgroup v2 hierarchy.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+    /// Where the maps and the program's link are pinned (on a BPF filesystem).
+    #[arg(long, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
+    pub pin_dir: PathBuf,
+    /// Address for /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub health_addr: SocketAddr,
+    /// Capacity of each per-socket map (LRU): the translations that let UDP replies and
+    /// getpeername show the ClusterIP, and the backend each unconnected UDP socket keeps per
+    /// Service. When full, the least recently used entry goes: a reply for it shows the Pod IP.
+    /// About 100 bytes of kernel memory per entry and map.
+    #[arg(long, default_value_t = lb_common::DEFAULT_SOCKET_MAP_ENTRIES, value_name = "N")]
+    pub socket_map_entries: u32,
+    /// How often to check the manifests for changes.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}

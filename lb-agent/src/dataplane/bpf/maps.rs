@@ -1,0 +1,172 @@
+//! lb's maps as typed aya maps, read and written as the dataplane's [`MapStore`].
+
+use std::{io::ErrorKind, path::Path};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError},
+};
+use lb_common::{
+    Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
+    Frontend4Key, Frontend6Key, ServiceEntry, ServiceName,
+};
+
+use super::{
+    BACKENDS_MAP, BACKENDS6_MAP, MEMBERS_MAP, MEMBERS6_MAP, NAMES_MAP, SERVICES_MAP, SERVICES6_MAP,
+};
+use crate::dataplane::{
+    MapStore, Snapshot,
+    plan::{BackendAddr, Family, FrontendKey, Write},
+};
+
+/// The maps, with the key and value types of lb-common.
+pub struct BpfMaps {
+    services: HashMap<MapData, Frontend4Key, ServiceEntry>,
+    backends: HashMap<MapData, BackendSlotKey, Backend4>,
+    members: HashMap<MapData, BackendMember4Key, BackendMember>,
+    services6: HashMap<MapData, Frontend6Key, ServiceEntry>,
+    backends6: HashMap<MapData, BackendSlotKey, Backend6>,
+    members6: HashMap<MapData, BackendMember6Key, BackendMember>,
+    names: HashMap<MapData, u32, ServiceName>,
+}
+
+impl BpfMaps {
+    /// Opens the maps pinned under `pin_dir` (by a running or stopped agent).
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| match e {
+                MapError::SyscallError(ref s) if s.io_error.kind() == ErrorKind::NotFound => {
+                    anyhow::anyhow!(
+                        "no lb dataplane at {}: {} is not pinned; start `lb-agent run` (with the \
+                         same --pin-dir) first",
+                        pin_dir.display(),
+                        name
+                    )
+                }
+                e => anyhow::Error::new(e).context(format!("opening {}", path.display())),
+            })?;
+            Ok(Map::HashMap(data))
+        };
+        Self::from_maps(open)
+    }
+
+    pub(super) fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Self::from_maps(|name| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))
+        })
+    }
+
+    /// The maps, each got by name from `get` and checked against its key and value types.
+    fn from_maps(mut get: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: typed(get(SERVICES_MAP)?, SERVICES_MAP)?,
+            backends: typed(get(BACKENDS_MAP)?, BACKENDS_MAP)?,
+            members: typed(get(MEMBERS_MAP)?, MEMBERS_MAP)?,
+            services6: typed(get(SERVICES6_MAP)?, SERVICES6_MAP)?,
+            backends6: typed(get(BACKENDS6_MAP)?, BACKENDS6_MAP)?,
+            members6: typed(get(MEMBERS6_MAP)?, MEMBERS6_MAP)?,
+            names: typed(get(NAMES_MAP)?, NAMES_MAP)?,
+        })
+    }
+}
+
+fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(map).with_context(|| {
+        format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
+    })
+}
+
+impl MapStore for BpfMaps {
+    fn write(&mut self, write: &Write) -> anyhow::Result<()> {
+        let (map, result) = match write {
+            Write::PutName(id, name) => (NAMES_MAP, self.names.insert(id, name.as_ref(), 0)),
+            Write::DeleteName(id) => (NAMES_MAP, ignore_missing(self.names.remove(id))),
+            Write::PutBackend(key, BackendAddr::V4(b)) => {
+                (BACKENDS_MAP, self.backends.insert(key, b, 0))
+            }
+            Write::PutBackend(key, BackendAddr::V6(b)) => {
+                (BACKENDS6_MAP, self.backends6.insert(key, b, 0))
+            }
+            Write::DeleteBackend(Family::V4, key) => {
+                (BACKENDS_MAP, ignore_missing(self.backends.remove(key)))
+            }
+            Write::DeleteBackend(Family::V6, key) => {
+                (BACKENDS6_MAP, ignore_missing(self.backends6.remove(key)))
+            }
+            Write::PutService(FrontendKey::V4(k), e) => {
+                (SERVICES_MAP, self.services.insert(k, e, 0))
+            }
+            Write::PutService(FrontendKey::V6(k), e) => {
+                (SERVICES6_MAP, self.services6.insert(k, e, 0))
+            }
+            Write::DeleteService(FrontendKey::V4(k)) => {
+                (SERVICES_MAP, ignore_missing(self.services.remove(k)))
+            }
+            Write::DeleteService(FrontendKey::V6(k)) => {
+                (SERVICES6_MAP, ignore_missing(self.services6.remove(k)))
+            }
+            Write::PutMember(id, BackendAddr::V4(b)) => (
+                MEMBERS_MAP,
+                self.members
+                    .insert(BackendMember4Key::new(*id, b), BackendMember::MARKER, 0),
+            ),
+            Write::PutMember(id, BackendAddr::V6(b)) => (
+                MEMBERS6_MAP,
+                self.members6
+                    .insert(BackendMember6Key::new(*id, b), BackendMember::MARKER, 0),
+            ),
+            Write::DeleteMember(id, BackendAddr::V4(b)) => (
+                MEMBERS_MAP,
+                ignore_missing(self.members.remove(&BackendMember4Key::new(*id, b))),
+            ),
+            Write::DeleteMember(id, BackendAddr::V6(b)) => (
+                MEMBERS6_MAP,
+                ignore_missing(self.members6.remove(&BackendMember6Key::new(*id, b))),
+            ),
+        };
+        result.map_err(|error| match &error {
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                anyhow::anyhow!("map {map} is full")
+            }
+            _ => anyhow::Error::new(error).context(format!("writing map {map}")),
+        })
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        fn all<K: aya::Pod, V: aya::Pod>(
+            map: &HashMap<MapData, K, V>,
+            name: &str,
+        ) -> anyhow::Result<Vec<(K, V)>> {
+            map.iter()
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {name}"))
+        }
+        fn keys<K: aya::Pod, V: aya::Pod>(
+            map: &HashMap<MapData, K, V>,
+            name: &str,
+        ) -> anyhow::Result<Vec<K>> {
+            map.keys()
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {name}"))
+        }
+        Ok(Snapshot {
+            services4: all(&self.services, SERVICES_MAP)?,
+            backends4: all(&self.backends, BACKENDS_MAP)?,
+            services6: all(&self.services6, SERVICES6_MAP)?,
+            backends6: all(&self.backends6, BACKENDS6_MAP)?,
+            members4: keys(&self.members, MEMBERS_MAP)?,
+            members6: keys(&self.members6, MEMBERS6_MAP)?,
+            names: all(&self.names, NAMES_MAP)?,
+        })
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(s)) if s.io_error.kind() == ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,292 @@
+//! Loading the programs with the pinned maps, attaching them to the cgroup through pinned links
+//! (swapped in without a gap), checking pinned layouts, `reset`, and the BPF filesystem.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapInfo,
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use lb_common::{
+    Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
+    Frontend4Key, Frontend6Key, Reverse4Key, Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceEntry,
+    ServiceName, SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key,
+};
+use nix::{
+    mount::{MsFlags, mount},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    BACKENDS_MAP, BACKENDS6_MAP, BpfMaps, MAPS, MEMBERS_MAP, MEMBERS6_MAP, NAMES_MAP, PROGRAMS,
+    Program, SERVICES_MAP, SERVICES6_MAP, SOCKET_MAPS, pin_names,
+};
+
+/// The eBPF object, built from lb-ebpf by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// The loaded dataplane: its maps, and the reader of its eBPF log events.
+pub struct Loaded {
+    pub maps: BpfMaps,
+    pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+}
+
+/// Loads the programs with the maps pinned under `pin_dir` (reusing them when an earlier agent
+/// left them) and attaches every program of [`PROGRAMS`] to `cgroup`, replacing the programs an
+/// earlier agent left attached there without a moment in which sockets go untranslated.
+/// `socket_map_entries` sizes each per-socket LRU map.
+pub fn load_and_attach(
+    pin_dir: &Path,
+    cgroup: &Path,
+    log_level: aya_log::Level,
+    socket_map_entries: u32,
+) -> anyhow::Result<Loaded> {
+    if EBPF_OBJECT.is_empty() {
+        bail!(
+            "this lb-agent was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it with `xtask/run build`"
+        );
+    }
+    if socket_map_entries == 0 {
+        bail!("--socket-map-entries must be at least 1");
+    }
+    ensure_bpffs(pin_dir)?;
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    check_pinned_layouts(pin_dir)?;
+    refit_socket_maps(pin_dir, socket_map_entries)?;
+
+    let pin = |name: &str| pin_dir.join(name);
+    let map_pins: Vec<(&str, PathBuf)> = MAPS
+        .iter()
+        .chain(&SOCKET_MAPS)
+        .map(|name| (*name, pin(name)))
+        .collect();
+    let level = log_level as u8;
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    for name in SOCKET_MAPS {
+        loader.map_max_entries(name, socket_map_entries);
+    }
+    let mut ebpf = loader
+        .override_global(aya_log::LEVEL, &level, true)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF programs (is this a kernel with BTF, and are we root?)")?;
+    let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
+
+    let cgroup_dir = fs::File::open(cgroup).with_context(|| {
+        format!(
+            "opening cgroup {}; pass --cgroup with a cgroup v2 directory",
+            cgroup.display()
+        )
+    })?;
+    for program in PROGRAMS {
+        attach(&mut ebpf, &program, &cgroup_dir, pin_dir).with_context(|| {
+            format!(
+                "attaching {} ({}, needs Linux >= 5.19) to cgroup {}",
+                program.name,
+                program.hook,
+                cgroup.display()
+            )
+        })?;
+    }
+    info!(
+        cgroup = %cgroup.display(),
+        pins = %pin_dir.display(),
+        programs = PROGRAMS.len(),
+        "programs attached: connect, sendmsg, recvmsg and getpeername, IPv4 and IPv6"
+    );
+
+    let maps = BpfMaps::take(&mut ebpf)?;
+    Ok(Loaded { maps, logger })
+}
+
+/// Loads `program` and attaches it to the cgroup, swapping out the link an earlier agent pinned.
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &Program,
+    cgroup_dir: &fs::File,
+    pin_dir: &Path,
+) -> anyhow::Result<()> {
+    let loaded: &mut CgroupSockAddr = ebpf
+        .program_mut(program.name)
+        .with_context(|| format!("the eBPF object has no {} program", program.name))?
+        .try_into()?;
+    loaded.load().context("loading it into the kernel")?;
+    // A cgroup BPF link takes no attach flags and always runs alongside other programs (including
+    // our previous one, until it is replaced below).
+    let link_id = loaded.attach(cgroup_dir, CgroupAttachMode::Single)?;
+    let link = FdLink::try_from(loaded.take_link(link_id)?)
+        .context("the kernel attached it without a BPF link (needs Linux >= 5.7)")?;
+
+    // Pin under a temporary name, then rename over the old pin: the old link's last reference
+    // goes and it detaches only after ours is attached. Two identical programs in a row are
+    // harmless: the second sees an already translated address, which is no frontend.
+    let link_pin = pin_dir.join(program.link_pin());
+    let staging = pin_dir.join(program.staging_pin());
+    let _ = fs::remove_file(&staging);
+    let pinned = link
+        .pin(&staging)
+        .with_context(|| format!("pinning the cgroup link at {}", staging.display()))?;
+    fs::rename(&staging, &link_pin)
+        .with_context(|| format!("replacing the pinned link {}", link_pin.display()))?;
+    drop(pinned); // the pin keeps the link, and so the program, alive
+    Ok(())
+}
+
+/// Refuses maps the agent writes that were pinned by an agent with another map layout: reusing
+/// them would misread every entry. (The per-socket maps are replaced instead, by
+/// [`refit_socket_maps`].)
+fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
+    let expected = [
+        (SERVICES_MAP, sizes::<Frontend4Key, ServiceEntry>()),
+        (BACKENDS_MAP, sizes::<BackendSlotKey, Backend4>()),
+        (MEMBERS_MAP, sizes::<BackendMember4Key, BackendMember>()),
+        (SERVICES6_MAP, sizes::<Frontend6Key, ServiceEntry>()),
+        (BACKENDS6_MAP, sizes::<BackendSlotKey, Backend6>()),
+        (MEMBERS6_MAP, sizes::<BackendMember6Key, BackendMember>()),
+        (NAMES_MAP, sizes::<u32, ServiceName>()),
+    ];
+    for (name, (key_size, value_size)) in expected {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
+            bail!(
+                "pinned map {} has key/value sizes {}/{}, this agent needs {key_size}/{value_size}: \
+                 an incompatible lb version left it. Run `lb-agent reset --pin-dir {}` and start \
+                 again (Services are not load-balanced until the agent has programmed them)",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A map's key and value sizes.
+fn sizes<K, V>() -> (usize, usize) {
+    (size_of::<K>(), size_of::<V>())
+}
+
+/// A pinned per-socket map of another size than asked, or with the key and value layout of
+/// another lb version, is unpinned, so the load creates a new one. The programs still attached
+/// keep the old map until their links are swapped; what is lost is only the per-socket state of
+/// sockets open across the restart (a reply in flight shows its Pod IP, a UDP socket may pick
+/// another backend).
+fn refit_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
+    let layouts = [
+        sizes::<Reverse4Key, ServiceAddr4>(),
+        sizes::<Reverse6Key, ServiceAddr6>(),
+        sizes::<SockFrontend4Key, SockBackend4>(),
+        sizes::<SockFrontend6Key, SockBackend6>(),
+    ];
+    for (name, (key_size, value_size)) in SOCKET_MAPS.into_iter().zip(layouts) {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let pinned = (info.key_size() as usize, info.value_size() as usize);
+        if info.max_entries() != entries {
+            warn!(
+                map = name,
+                pinned = info.max_entries(),
+                wanted = entries,
+                "--socket-map-entries changed: replacing the map (per-socket state of open \
+                 sockets is lost once)"
+            );
+        } else if pinned != (key_size, value_size) {
+            warn!(
+                map = name,
+                pinned = ?pinned,
+                wanted = ?(key_size, value_size),
+                "its key/value sizes changed with this lb version: replacing the map \
+                 (per-socket state of open sockets is lost once)"
+            );
+        } else {
+            continue;
+        }
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes every pin lb made under `pin_dir`: detaches the programs and frees the maps. Returns
+/// what was removed.
+pub fn reset(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for name in pin_names() {
+        let path = pin_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => debug!("left {}: {e}", pin_dir.display()),
+    }
+    Ok(removed)
+}
+
+/// Makes sure `pin_dir` is on a BPF filesystem, mounting one at `/sys/fs/bpf` when that is where
+/// it belongs and nothing is mounted (as other BPF agents do).
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    // The closest existing ancestor tells which filesystem the directory will be on.
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if is_bpffs(existing)? {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(default) && existing.starts_with(default) {
+        info!("no BPF filesystem at /sys/fs/bpf; mounting one");
+        mount_bpffs(default)?;
+        if is_bpffs(default)? {
+            return Ok(());
+        }
+    }
+    bail!(
+        "{} is not on a BPF filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`) or pass \
+         --pin-dir under a mounted one",
+        pin_dir.display()
+    )
+}
+
+/// Whether `path` is on a BPF filesystem.
+fn is_bpffs(path: &Path) -> anyhow::Result<bool> {
+    let stat = statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(stat.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// Mounts a BPF filesystem at `target` (an existing directory).
+pub fn mount_bpffs(target: &Path) -> anyhow::Result<()> {
+    mount(
+        Some("bpf"),
+        target,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting a BPF filesystem at {}", target.display()))
+}
