@@ -130,6 +130,14 @@ fn main() {
             "kube_restart_waits_for_both_lists_and_keeps_connects_working",
             kube_restart,
         ),
+        (
+            "map_entries_deleted_behind_the_agents_back_are_repaired_within_the_resync_interval",
+            drift_repair,
+        ),
+        (
+            "an_unreadable_manifest_keeps_readyz_at_503_and_nothing_programmed_until_it_reads",
+            unreadable_manifest,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -856,5 +864,157 @@ fn kube_restart() -> anyhow::Result<()> {
     let attempts = xtask::testbed::probe::collect(probe)?;
     let counts = answers(&attempts).context("across the restart")?;
     ensure!(counts.len() == 3, "{counts:?}");
+    Ok(())
+}
+
+/// How often the agent compares the maps with its wanted state (its default `--resync-interval`),
+/// and a margin for a connect check.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// `bpftool map delete pinned PIN_DIR/MAP key hex …`.
+fn bpftool_delete(tb: &Testbed, map: &str, key: &[u8]) -> anyhow::Result<()> {
+    let bpftool = xtask::testbed::find_tool("bpftool").context("bpftool not found")?;
+    let mut cmd = std::process::Command::new(bpftool);
+    cmd.args(["map", "delete", "pinned"])
+        .arg(tb.pin_dir().join(map))
+        .args(["key", "hex"])
+        .args(key.iter().map(|b| format!("{b:02x}")));
+    let out = cmd.output().context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool map delete {map}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The web frontend's service entry, then one of its backend slots, deleted with bpftool: each is
+/// back (in `list`, and for connects) within one resync interval.
+fn drift_repair() -> anyhow::Result<()> {
+    let (pods, mut tb) = web_testbed(2)?;
+    let frontend = "10.96.0.10:80/TCP";
+    let backends: Vec<String> = pods.iter().map(|p| format!("{}:{HTTP}", p.ip)).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let wanted = entry("demo/web:http", &backends);
+    let before = listing(&tb)?;
+    ensure!(before.get(frontend) == Some(&wanted), "{before:?}");
+
+    // LB4_SERVICES key: ClusterIP (network order), port (host order), protocol, padding.
+    let port = 80u16.to_ne_bytes();
+    bpftool_delete(
+        &tb,
+        "LB4_SERVICES",
+        &[10, 96, 0, 10, port[0], port[1], 6, 0],
+    )?;
+    ensure!(
+        !listing(&tb)?.contains_key(frontend),
+        "the entry is still there"
+    );
+    let deleted_at = std::time::Instant::now();
+    eventually(RESYNC + Duration::from_secs(2), || {
+        let now = listing(&tb)?;
+        Ok((now.get(frontend) != Some(&wanted)).then(|| format!("not repaired: {now:?}")))
+    })?;
+    eprintln!("service entry repaired after {:?}", deleted_at.elapsed());
+    let counts = answers(&tb.probe(&tb.probe_args(web(), 40))?)?;
+    ensure!(counts.len() == 2, "after the repair: {counts:?}");
+
+    // Slot 1 of the (re-added) frontend: whichever service id it has now, from bpftool's dump.
+    let id = service_id(&tb, [10, 96, 0, 10])?;
+    let mut key = id.to_ne_bytes().to_vec();
+    key.extend(1u32.to_ne_bytes());
+    bpftool_delete(&tb, "LB4_BACKENDS", &key)?;
+    let deleted_at = std::time::Instant::now();
+    eventually(RESYNC + Duration::from_secs(2), || {
+        let now = listing(&tb)?;
+        Ok((now.get(frontend) != Some(&wanted)).then(|| format!("not repaired: {now:?}")))
+    })?;
+    eprintln!("backend slot repaired after {:?}", deleted_at.elapsed());
+    let counts = answers(&tb.probe(&tb.probe_args(web(), 40))?)?;
+    ensure!(counts.len() == 2, "after the repair: {counts:?}");
+    let repaired: Vec<String> = tb
+        .agent()
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("repaired drift"))
+        .collect();
+    for line in &repaired {
+        eprintln!("{line}");
+    }
+    ensure!(repaired.len() >= 2, "each repair is logged");
+    Ok(())
+}
+
+/// The service id of the IPv4 frontend on `address`, from `bpftool map dump -j LB4_SERVICES`.
+fn service_id(tb: &Testbed, address: [u8; 4]) -> anyhow::Result<u32> {
+    let bpftool = xtask::testbed::find_tool("bpftool").context("bpftool not found")?;
+    let out = std::process::Command::new(bpftool)
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(tb.pin_dir().join("LB4_SERVICES"))
+        .output()
+        .context("running bpftool")?;
+    let dump: Value = serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;
+    for row in dump.as_array().into_iter().flatten() {
+        let formatted = &row["formatted"];
+        let addr: Vec<u64> = formatted["key"]["address"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .collect();
+        if addr == address.map(u64::from) {
+            return formatted["value"]["service_id"]
+                .as_u64()
+                .map(|id| id as u32)
+                .context("no service_id");
+        }
+    }
+    bail!("no entry for {address:?} in {dump}")
+}
+
+/// A manifest that cannot be read (here a link to /proc/self/mem, whose first page no read can
+/// get, even as root): the agent programs nothing and /readyz stays 503; once it reads, both.
+fn unreadable_manifest() -> anyhow::Result<()> {
+    let pods = PodSpec::numbered("web", 1, &[HTTP]);
+    let mut tb = testbed(&pods)?;
+    tb.write_manifest("web.yaml", &web_manifest(&pods))?;
+    // The testbed keeps its manifests beside its BPF filesystem: DIR/manifests, DIR/bpf/lb.
+    let manifests = tb
+        .pin_dir()
+        .parent()
+        .and_then(Path::parent)
+        .context("pin dir")?
+        .join("manifests");
+    ensure!(
+        manifests.join("web.yaml").is_file(),
+        "{}",
+        manifests.display()
+    );
+    let broken = manifests.join("broken.yaml");
+    std::os::unix::fs::symlink("/proc/self/mem", &broken)?;
+
+    let agent = tb.spawn_agent()?;
+    let addr = agent.health_addr()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        ensure!(http_status(addr, "/healthz")? == 200, "/healthz");
+        ensure!(
+            http_status(addr, "/readyz")? == 503,
+            "ready although a manifest could not be read"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let line = tb
+        .agent()
+        .wait_for("broken.yaml", 0, Duration::from_secs(1))?;
+    ensure!(line.contains("cannot read"), "{line}");
+    ensure!(listing(&tb)?.is_empty(), "programmed from a partial read");
+
+    std::fs::remove_file(&broken)?;
+    eventually(Duration::from_secs(2), || {
+        Ok((http_status(addr, "/readyz")? != 200).then(|| "still not ready".to_owned()))
+    })?;
+    let counts = answers(&tb.probe(&tb.probe_args(web(), 10))?)?;
+    ensure!(counts.len() == 1, "{counts:?}");
     Ok(())
 }
