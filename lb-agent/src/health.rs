@@ -27,7 +27,7 @@ impl Health {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    fn is_ready(&self) -> bool {
+    pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
 }

@@ -295,3 +295,90 @@ fn log_report(report: &ApplyReport, frontends: usize, events: usize, services: u
         "dataplane synced"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+
+    use super::*;
+    use crate::{
+        dataplane::{Snapshot, plan::Write},
+        model::{Event, ServiceInput},
+    };
+
+    /// Counts writes; holds nothing.
+    #[derive(Clone, Default)]
+    struct CountingStore(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl MapStore for CountingStore {
+        fn write(&mut self, _: &Write) -> anyhow::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+
+        fn snapshot(&self) -> anyhow::Result<Snapshot> {
+            Ok(Snapshot::default())
+        }
+    }
+
+    fn web() -> Event {
+        let svc: Service = serde_yaml::from_str(
+            "metadata: {name: web, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}",
+        )
+        .unwrap();
+        Event::UpsertService(ServiceInput::parse(&svc).unwrap())
+    }
+
+    #[tokio::test]
+    async fn nothing_is_programmed_and_not_ready_until_the_source_is_synced() {
+        let store = CountingStore::default();
+        let writes = store.0.clone();
+        let reconciler = Reconciler::new(Dataplane::adopt(store).unwrap());
+        let health = Health::default();
+        let (tx, rx) = mpsc::channel(16);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let looping = {
+            let health = health.clone();
+            tokio::spawn(async move {
+                let shutdown = pin!(async {
+                    let _ = stopped.await;
+                });
+                let node = NodeContext::default();
+                reconcile(
+                    rx,
+                    reconciler,
+                    node,
+                    &health,
+                    Duration::from_secs(3600),
+                    shutdown,
+                )
+                .await
+            })
+        };
+        let settle = || tokio::time::sleep(Duration::from_millis(20));
+
+        // A partial view (a list still coming in, a file not read yet): nothing happens.
+        let partial = Batch {
+            events: vec![web()],
+            ..Default::default()
+        };
+        tx.send(partial).await.unwrap();
+        settle().await;
+        assert!(!health.is_ready());
+        assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+        // The source has its full view: the model is programmed, then the agent is ready.
+        let complete = Batch {
+            synced: true,
+            ..Default::default()
+        };
+        tx.send(complete).await.unwrap();
+        settle().await;
+        assert!(health.is_ready());
+        assert!(writes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+
+        stop.send(()).unwrap();
+        looping.await.unwrap().unwrap();
+    }
+}
