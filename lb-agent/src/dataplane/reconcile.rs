@@ -17,6 +17,10 @@ use crate::model::{DesiredState, Frontend, FrontendState};
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Repairs of one resync logged one by one (of frontends, and of other entries); the rest are
+/// counted.
+const MAX_REPAIRS_LOGGED: usize = 20;
+
 /// A frontend whose wanted state is not in the maps.
 #[derive(Clone, Debug)]
 struct Failure {
@@ -101,7 +105,7 @@ impl<S: MapStore> Reconciler<S> {
     /// retried too). Every repair is logged.
     pub fn resync(&mut self, now: Instant) -> anyhow::Result<ResyncReport> {
         let report = self.dataplane.resync(&self.wanted)?;
-        for (frontend, what) in &report.frontends {
+        for (frontend, what) in report.frontends.iter().take(MAX_REPAIRS_LOGGED) {
             let service = self
                 .wanted
                 .frontends
@@ -110,8 +114,17 @@ impl<S: MapStore> Reconciler<S> {
                 .unwrap_or_else(|| "no Service".into());
             warn!(%frontend, %service, "repaired drift in the maps: {what}");
         }
-        for what in &report.entries {
+        for what in report.entries.iter().take(MAX_REPAIRS_LOGGED) {
             warn!("repaired drift in the maps: {what}");
+        }
+        let unlogged = report.frontends.len().saturating_sub(MAX_REPAIRS_LOGGED)
+            + report.entries.len().saturating_sub(MAX_REPAIRS_LOGGED);
+        if unlogged > 0 {
+            warn!(
+                frontends = report.frontends.len(),
+                entries = report.entries.len(),
+                "repaired drift in the maps: {unlogged} more repairs not logged one by one"
+            );
         }
         let attempted: BTreeSet<Frontend> = self
             .wanted

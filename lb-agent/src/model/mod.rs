@@ -1,7 +1,8 @@
 //! The model: Kubernetes Services and EndpointSlices in, frontends and backend sets out.
 //!
-//! Pure: no I/O, no BPF. Every source (manifest files, the Kubernetes API) feeds the same
-//! [`translate`], and the dataplane programs what it returns.
+//! Pure: no I/O, no BPF. Every source (manifest files, the Kubernetes API) sends the same
+//! [`Event`]s into one long-lived [`Cluster`]; each [`Cluster::sync`] returns the frontends that
+//! changed, and the reconciler programs them.
 //!
 //! Rules, after kube-proxy:
 //! - ClusterIP, NodePort and LoadBalancer Services contribute each ClusterIP × each port;
@@ -16,7 +17,7 @@
 //!   `internalTrafficPolicy: Local`, topology hints and `trafficDistribution`, ready endpoints
 //!   first and serving+terminating ones when none is ready.
 //!
-//! [`Cluster`] is the incremental form the agent keeps; [`translate`] the one-shot form.
+//! [`Cluster`] is the incremental form the agent keeps; `translate`, in tests, the one-shot form.
 
 mod cluster;
 mod endpoints;
@@ -173,6 +174,7 @@ pub struct DesiredState {
 }
 
 /// The result of [`translate`]: the state to program, and what had to be skipped and why.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct Translation {
     pub state: DesiredState,
@@ -208,7 +210,8 @@ pub fn translate<'a>(
 }
 
 /// [`translate`] for objects already parsed.
-pub fn translate_inputs(
+#[cfg(test)]
+fn translate_inputs(
     services: Vec<ServiceInput>,
     slices: Vec<SliceInput>,
     node: &NodeContext,
