@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// About 100 bytes of kernel memory per entry and map.
     #[arg(long, default_value_t = lb_common::DEFAULT_SOCKET_MAP_ENTRIES, value_name = "N")]
     pub socket_map_entries: u32,
+    /// How often the pinned maps are compared with the wanted state: an entry changed or deleted
+    /// behind the agent's back (with bpftool, say) is repaired within one interval, and
+    /// frontends that failed to program are retried.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub resync_interval: Duration,
     /// How often to check the manifests for changes.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,

@@ -44,9 +44,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .block_on(run_async(args))
 }
 
-/// How often the maps are compared with the wanted state, and any drift repaired.
-const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
-
 /// Batches a source may send ahead of the reconcile loop.
 const CHANNEL: usize = 1024;
 
@@ -101,7 +98,15 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(source);
     let shutdown = pin!(shutdown_signal()?);
     let reconciler = Reconciler::new(dataplane);
-    reconcile(rx, reconciler, node, &health, RESYNC_INTERVAL, shutdown).await?;
+    reconcile(
+        rx,
+        reconciler,
+        node,
+        &health,
+        args.resync_interval,
+        shutdown,
+    )
+    .await?;
     info!(
         pins = %args.pin_dir.display(),
         "stopping; the datapath stays attached and keeps serving the last programmed state \

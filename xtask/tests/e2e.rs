@@ -4,6 +4,10 @@
 //!
 //! Every test builds its own testbed (namespaces, cgroup, BPF filesystem, agent) and removes it;
 //! traffic never leaves the namespaces (see xtask::testbed).
+//!
+//! A test is a function listed in `main`; one that is written but not listed would never run, so
+//! unused code is an error here.
+#![deny(dead_code)]
 
 use std::{
     collections::BTreeMap,
@@ -867,9 +871,9 @@ fn kube_restart() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often the agent compares the maps with its wanted state (its default `--resync-interval`),
-/// and a margin for a connect check.
-const RESYNC: Duration = Duration::from_secs(10);
+/// How often the drift test's agent compares the maps with its wanted state
+/// (`--resync-interval`).
+const RESYNC: Duration = Duration::from_secs(2);
 
 /// `bpftool map delete pinned PIN_DIR/MAP key hex …`.
 fn bpftool_delete(tb: &Testbed, map: &str, key: &[u8]) -> anyhow::Result<()> {
@@ -891,7 +895,11 @@ fn bpftool_delete(tb: &Testbed, map: &str, key: &[u8]) -> anyhow::Result<()> {
 /// The web frontend's service entry, then one of its backend slots, deleted with bpftool: each is
 /// back (in `list`, and for connects) within one resync interval.
 fn drift_repair() -> anyhow::Result<()> {
-    let (pods, mut tb) = web_testbed(2)?;
+    let pods = PodSpec::numbered("web", 2, &[HTTP]);
+    let mut tb = testbed(&pods)?;
+    tb.agent_flags(&["--resync-interval", &format!("{}s", RESYNC.as_secs())]);
+    tb.write_manifest("web.yaml", &web_manifest(&pods))?;
+    tb.start_agent()?;
     let frontend = "10.96.0.10:80/TCP";
     let backends: Vec<String> = pods.iter().map(|p| format!("{}:{HTTP}", p.ip)).collect();
     let backends: Vec<&str> = backends.iter().map(String::as_str).collect();

@@ -571,4 +571,3 @@ fn attach(switch: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> anyhow::Resul
     .context("adding an IPv6 address (is IPv6 disabled on this host? the testbed needs it)")?;
     ns.ip(&["link", "set", "eth0", "up"])
 }
-
