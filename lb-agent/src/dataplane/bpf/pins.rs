@@ -158,11 +158,9 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
     ];
     for (name, (key_size, value_size)) in expected {
         let path = pin_dir.join(name);
-        if !path.exists() {
+        let Some(info) = pinned_info(&path)? else {
             continue;
-        }
-        let info = MapInfo::from_pin(&path)
-            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        };
         if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
             bail!(
                 "pinned map {} has key/value sizes {}/{}, this agent needs {key_size}/{value_size}: \
@@ -176,6 +174,16 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the kernel says of the map pinned at `path`; `None` when nothing is pinned there.
+fn pinned_info(path: &Path) -> anyhow::Result<Option<MapInfo>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    MapInfo::from_pin(path)
+        .map(Some)
+        .with_context(|| format!("reading pinned map {}", path.display()))
 }
 
 /// A map's key and value sizes.
@@ -197,11 +205,9 @@ fn refit_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
     ];
     for (name, (key_size, value_size)) in SOCKET_MAPS.into_iter().zip(layouts) {
         let path = pin_dir.join(name);
-        if !path.exists() {
+        let Some(info) = pinned_info(&path)? else {
             continue;
-        }
-        let info = MapInfo::from_pin(&path)
-            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        };
         let pinned = (info.key_size() as usize, info.value_size() as usize);
         if info.max_entries() != entries {
             warn!(
