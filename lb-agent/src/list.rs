@@ -7,7 +7,7 @@
 
 use std::{io::Write as _, path::Path};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     OutputFormat,
@@ -15,36 +15,38 @@ use crate::{
     model::{Backend, Frontend},
 };
 
-#[derive(Serialize)]
-struct Listing {
-    frontends: Vec<Row>,
+/// The `-o json` document; xtask's tests read it with these types too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub frontends: Vec<Row>,
 }
 
-#[derive(Serialize)]
-struct Row {
-    service: ServiceJson,
-    frontend: FrontendJson,
-    backends: Vec<BackendJson>,
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    pub service: ServiceJson,
+    pub frontend: FrontendJson,
+    pub backends: Vec<BackendJson>,
 }
 
-#[derive(Serialize)]
-struct ServiceJson {
-    namespace: String,
-    name: String,
-    port: String,
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceJson {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
 }
 
-#[derive(Serialize)]
-struct FrontendJson {
-    address: String,
-    port: u16,
-    protocol: &'static str,
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendJson {
+    pub address: String,
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
 }
 
-#[derive(Serialize)]
-struct BackendJson {
-    address: String,
-    port: u16,
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendJson {
+    pub address: String,
+    pub port: u16,
 }
 
 pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<()> {
@@ -88,7 +90,7 @@ fn frontend_json(f: &Frontend) -> FrontendJson {
     FrontendJson {
         address: f.address.to_string(),
         port: f.port,
-        protocol: f.protocol.as_str(),
+        protocol: f.protocol.as_str().to_owned(),
     }
 }
 
