@@ -197,6 +197,12 @@ fn web_testbed(count: u8) -> anyhow::Result<(Vec<PodSpec>, Testbed)> {
     Ok((pods, tb))
 }
 
+/// Whether every attempt failed with `errno` (`EHOSTUNREACH`: nothing translated it, so the
+/// client namespace's unreachable route answered).
+fn all_failed_with(attempts: &[Attempt], errno: &str) -> bool {
+    attempts.iter().all(|a| a.error.as_deref() == Some(errno))
+}
+
 /// Answers by pod name; fails on any attempt that got no answer.
 fn answers(attempts: &[Attempt]) -> anyhow::Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
@@ -322,9 +328,7 @@ fn untouched() -> anyhow::Result<()> {
     // namespace's unreachable route answers.
     let other_port = tb.probe(&tb.probe_args(SocketAddr::from((WEB_IP, 81)), 5))?;
     ensure!(
-        other_port
-            .iter()
-            .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
+        all_failed_with(&other_port, "EHOSTUNREACH"),
         "port 81 was touched: {other_port:?}"
     );
 
@@ -333,9 +337,7 @@ fn untouched() -> anyhow::Result<()> {
     outside.cgroup = None;
     let outside = tb.probe(&outside)?;
     ensure!(
-        outside
-            .iter()
-            .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
+        all_failed_with(&outside, "EHOSTUNREACH"),
         "a process outside the cgroup was load-balanced: {outside:?}"
     );
 
@@ -563,9 +565,7 @@ fn list_and_reset() -> anyhow::Result<()> {
     );
     let after = tb.probe(&tb.probe_args(web(), 3))?;
     ensure!(
-        after
-            .iter()
-            .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
+        all_failed_with(&after, "EHOSTUNREACH"),
         "connects were still rewritten after reset: {after:?}"
     );
     Ok(())
@@ -613,35 +613,29 @@ fn serve_objects(api: &FakeApi, yaml: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lb-agent list -o json` as frontend → (service, backends sorted; the list shows slot order).
+/// `lb-agent list -o json` (read with the agent's own schema types) as frontend → (service,
+/// backends sorted; the list shows slot order).
 fn listing(tb: &Testbed) -> anyhow::Result<BTreeMap<String, (String, Vec<String>)>> {
-    let json: Value = serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)?;
+    let listing: lb_agent::list::Listing =
+        serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)
+            .context("lb-agent list -o json does not match its schema")?;
     let mut out = BTreeMap::new();
-    for row in json["frontends"].as_array().context("no frontends")? {
-        let f = &row["frontend"];
-        let s = &row["service"];
-        let mut service = format!(
-            "{}/{}",
-            s["namespace"].as_str().unwrap_or(""),
-            s["name"].as_str().unwrap_or("")
-        );
-        if let Some(port) = s["port"].as_str().filter(|p| !p.is_empty()) {
-            service = format!("{service}:{port}");
+    for row in listing.frontends {
+        let (s, f) = (&row.service, &row.frontend);
+        let mut service = format!("{}/{}", s.namespace, s.name);
+        if !s.port.is_empty() {
+            service = format!("{service}:{}", s.port);
         }
-        let mut backends: Vec<String> = row["backends"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|b| format!("{}:{}", b["address"].as_str().unwrap_or(""), b["port"]))
+        let mut backends: Vec<String> = row
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.address, b.port))
             .collect();
         backends.sort();
-        let key = format!(
-            "{}:{}/{}",
-            f["address"].as_str().unwrap_or(""),
-            f["port"],
-            f["protocol"].as_str().unwrap_or("")
+        out.insert(
+            format!("{}:{}/{}", f.address, f.port, f.protocol),
+            (service, backends),
         );
-        out.insert(key, (service, backends));
     }
     Ok(out)
 }
@@ -906,6 +900,19 @@ fn drift_repair() -> anyhow::Result<()> {
     let wanted = entry("demo/web:http", &backends);
     let before = listing(&tb)?;
     ensure!(before.get(frontend) == Some(&wanted), "{before:?}");
+    // Within one interval (and a margin), `list` shows the frontend as it was and connects reach
+    // both pods again.
+    let wait_repaired = |what: &str| -> anyhow::Result<()> {
+        let deleted_at = std::time::Instant::now();
+        eventually(RESYNC + Duration::from_secs(2), || {
+            let now = listing(&tb)?;
+            Ok((now.get(frontend) != Some(&wanted)).then(|| format!("not repaired: {now:?}")))
+        })?;
+        eprintln!("{what} repaired after {:?}", deleted_at.elapsed());
+        let counts = answers(&tb.probe(&tb.probe_args(web(), 40))?)?;
+        ensure!(counts.len() == 2, "after the {what} repair: {counts:?}");
+        Ok(())
+    };
 
     // LB4_SERVICES key: ClusterIP (network order), port (host order), protocol, padding.
     let port = 80u16.to_ne_bytes();
@@ -918,28 +925,14 @@ fn drift_repair() -> anyhow::Result<()> {
         !listing(&tb)?.contains_key(frontend),
         "the entry is still there"
     );
-    let deleted_at = std::time::Instant::now();
-    eventually(RESYNC + Duration::from_secs(2), || {
-        let now = listing(&tb)?;
-        Ok((now.get(frontend) != Some(&wanted)).then(|| format!("not repaired: {now:?}")))
-    })?;
-    eprintln!("service entry repaired after {:?}", deleted_at.elapsed());
-    let counts = answers(&tb.probe(&tb.probe_args(web(), 40))?)?;
-    ensure!(counts.len() == 2, "after the repair: {counts:?}");
+    wait_repaired("service entry")?;
 
     // Slot 1 of the (re-added) frontend: whichever service id it has now, from bpftool's dump.
     let id = service_id(&tb, [10, 96, 0, 10])?;
     let mut key = id.to_ne_bytes().to_vec();
     key.extend(1u32.to_ne_bytes());
     bpftool_delete(&tb, "LB4_BACKENDS", &key)?;
-    let deleted_at = std::time::Instant::now();
-    eventually(RESYNC + Duration::from_secs(2), || {
-        let now = listing(&tb)?;
-        Ok((now.get(frontend) != Some(&wanted)).then(|| format!("not repaired: {now:?}")))
-    })?;
-    eprintln!("backend slot repaired after {:?}", deleted_at.elapsed());
-    let counts = answers(&tb.probe(&tb.probe_args(web(), 40))?)?;
-    ensure!(counts.len() == 2, "after the repair: {counts:?}");
+    wait_repaired("backend slot")?;
     let repaired: Vec<String> = tb
         .agent()
         .lines()
@@ -986,19 +979,7 @@ fn unreadable_manifest() -> anyhow::Result<()> {
     let pods = PodSpec::numbered("web", 1, &[HTTP]);
     let mut tb = testbed(&pods)?;
     tb.write_manifest("web.yaml", &web_manifest(&pods))?;
-    // The testbed keeps its manifests beside its BPF filesystem: DIR/manifests, DIR/bpf/lb.
-    let manifests = tb
-        .pin_dir()
-        .parent()
-        .and_then(Path::parent)
-        .context("pin dir")?
-        .join("manifests");
-    ensure!(
-        manifests.join("web.yaml").is_file(),
-        "{}",
-        manifests.display()
-    );
-    let broken = manifests.join("broken.yaml");
+    let broken = tb.manifests_dir().join("broken.yaml");
     std::os::unix::fs::symlink("/proc/self/mem", &broken)?;
 
     let agent = tb.spawn_agent()?;

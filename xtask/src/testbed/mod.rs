@@ -349,6 +349,11 @@ impl Testbed {
         &self.pin_dir
     }
 
+    /// The directory the agent reads manifests from (see [`write_manifest`](Self::write_manifest)).
+    pub fn manifests_dir(&self) -> &Path {
+        &self.manifests
+    }
+
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
     }

@@ -18,7 +18,7 @@ use xtask::{
     },
 };
 
-use super::{HTTP, WEB_IP, answers, listing, testbed, web};
+use super::{HTTP, WEB_IP, all_failed_with, answers, listing, testbed, web};
 
 pub const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const UDP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
@@ -307,9 +307,7 @@ pub fn ipv6_and_dual_stack() -> anyhow::Result<()> {
     // the client's unreachable route, a pod's own address is reached directly.
     let other = tb.probe(&tb.probe_args(SocketAddr::from((WEB_IP6, 81)), 3))?;
     ensure!(
-        other
-            .iter()
-            .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
+        all_failed_with(&other, "EHOSTUNREACH"),
         "[fd00:96::10]:81 was touched: {other:?}"
     );
     let direct = answers(&tb.probe(&tb.probe_args(SocketAddr::from((pods[1].ip6(), HTTP)), 10))?)?;
