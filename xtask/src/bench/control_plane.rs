@@ -27,6 +27,25 @@ use super::{
 /// Endpoint changes timed.
 const CHANGES: usize = 200;
 
+/// Starts the agent on maps just reset and records, under `keys` (wall, sync, breakdown), how long
+/// it took from start to programmed; returns its RSS in MiB once it has released what the sync
+/// freed.
+fn cold_start(
+    tb: &mut Testbed,
+    cp: &mut BTreeMap<&'static str, Value>,
+    [wall_key, sync_key, breakdown_key]: [&'static str; 3],
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let agent = tb.start_agent()?;
+    let wall = started.elapsed();
+    let line = agent.wait_for(SYNCED, 0, Duration::from_secs(1))?;
+    cp.insert(wall_key, json!(wall.as_millis() as u64));
+    cp.insert(sync_key, json!(sync_ms(&line)));
+    cp.insert(breakdown_key, breakdown(&line));
+    sleep_for_trim();
+    rss_mib(tb.agent().pid())
+}
+
 /// Cold programming, endpoint-change latency and memory at `scale` Services.
 pub fn measure(tb: &mut Testbed, scale: usize) -> anyhow::Result<BTreeMap<&'static str, Value>> {
     let mut cp = BTreeMap::new();
@@ -37,15 +56,16 @@ pub fn measure(tb: &mut Testbed, scale: usize) -> anyhow::Result<BTreeMap<&'stat
     tb.stop_agent()?;
     tb.agent_command(&["reset"])?;
     tb.write_manifest(MANIFEST, &ipv4_manifests(scale))?;
-    let started = Instant::now();
-    let agent = tb.start_agent()?;
-    let wall = started.elapsed();
-    let line = agent.wait_for(SYNCED, 0, Duration::from_secs(1))?;
-    cp.insert("manifests_cold_wall_ms", json!(wall.as_millis() as u64));
-    cp.insert("manifests_cold_sync_ms", json!(sync_ms(&line)));
-    cp.insert("manifests_cold_breakdown_ms", breakdown(&line));
-    sleep_for_trim();
-    cp.insert("manifests_rss_mib", json!(rss_mib(tb.agent().pid())?));
+    let rss = cold_start(
+        tb,
+        &mut cp,
+        [
+            "manifests_cold_wall_ms",
+            "manifests_cold_sync_ms",
+            "manifests_cold_breakdown_ms",
+        ],
+    )?;
+    cp.insert("manifests_rss_mib", json!(rss));
 
     step(&format!(
         "control plane: cold start from the API server, {scale} Services"
@@ -61,15 +81,16 @@ pub fn measure(tb: &mut Testbed, scale: usize) -> anyhow::Result<BTreeMap<&'stat
         api.put(ENDPOINT_SLICES, s.clone());
     }
     tb.use_api(&api, None)?;
-    let started = Instant::now();
-    let agent = tb.start_agent()?;
-    let wall = started.elapsed();
-    let line = agent.wait_for(SYNCED, 0, Duration::from_secs(1))?;
-    cp.insert("api_cold_wall_ms", json!(wall.as_millis() as u64));
-    cp.insert("api_cold_sync_ms", json!(sync_ms(&line)));
-    cp.insert("api_cold_breakdown_ms", breakdown(&line));
-    sleep_for_trim();
-    cp.insert("api_rss_after_cold_mib", json!(rss_mib(tb.agent().pid())?));
+    let rss = cold_start(
+        tb,
+        &mut cp,
+        [
+            "api_cold_wall_ms",
+            "api_cold_sync_ms",
+            "api_cold_breakdown_ms",
+        ],
+    )?;
+    cp.insert("api_rss_after_cold_mib", json!(rss));
 
     step(&format!(
         "control plane: {CHANGES} endpoint changes, event pushed → maps written"

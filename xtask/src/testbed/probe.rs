@@ -360,20 +360,18 @@ fn tcp(target: SocketAddr, want_peer: bool) -> Attempt {
 fn udp(target: SocketAddr, want_peer: bool) -> Attempt {
     let at_us = now_us();
     let started = Instant::now();
-    let result = (|| -> Result<(UdpSocket, u64), String> {
+    let result = (|| -> Result<(Socket, u64), String> {
         let socket = socket_for(target, Type::DGRAM, Protocol::UDP).map_err(|e| errno_name(&e))?;
         // connect() on UDP is what lb's connect hooks rewrite.
         socket.connect(&target.into()).map_err(|e| errno_name(&e))?;
-        Ok((socket.into(), started.elapsed().as_micros() as u64))
+        Ok((socket, started.elapsed().as_micros() as u64))
     })();
     let (socket, connect_us) = match result {
         Ok(ok) => ok,
         Err(e) => return attempt(at_us, started.elapsed().as_micros() as u64, Err(e)),
     };
-    let peer = want_peer.then(|| match socket.peer_addr() {
-        Ok(addr) => addr.to_string(),
-        Err(e) => errno_name(&e),
-    });
+    let peer = want_peer.then(|| peer_of(&socket));
+    let socket = UdpSocket::from(socket);
     let exchange = || -> std::io::Result<String> {
         socket.set_read_timeout(Some(IO_TIMEOUT))?;
         socket.send(b"ping")?;
