@@ -59,7 +59,7 @@ pub struct RunArgs {
     /// Where the maps and the program's link are pinned (on a BPF filesystem).
     #[arg(long, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
     pub pin_dir: PathBuf,
-    /// Address for /healthz and /readyz.
+    /// Address for /healthz, /readyz and /metrics (Prometheus).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub health_addr: SocketAddr,
     /// Capacity of each per-socket map (LRU): the translations that let UDP replies and

@@ -10,7 +10,8 @@ use std::{
     collections::BTreeMap,
     path::PathBuf,
     pin::pin,
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -26,6 +27,7 @@ use crate::{
     RunArgs, cgroup,
     dataplane::{ApplyReport, Dataplane, MapStore, bpf, reconcile::Reconciler},
     health::{self, Health},
+    metrics::{Metrics, SyncPhases},
     model::{Cluster, NodeContext, ObjectRef},
     source::{
         Batch, kube as kube_source,
@@ -93,7 +95,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     info!(frontends = dataplane.len(), "adopted the pinned maps");
 
     let health = Health::default();
-    health::serve(args.health_addr, health.clone()).await?;
+    let metrics = Arc::new(Metrics::new());
+    health::serve(args.health_addr, health.clone(), metrics.clone()).await?;
 
     tokio::spawn(source);
     let shutdown = pin!(shutdown_signal()?);
@@ -103,6 +106,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         reconciler,
         node,
         &health,
+        &metrics,
         args.resync_interval,
         shutdown,
     )
@@ -152,6 +156,7 @@ async fn reconcile<S: MapStore>(
     mut reconciler: Reconciler<S>,
     node: NodeContext,
     health: &Health,
+    metrics: &Metrics,
     resync_interval: Duration,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
@@ -164,6 +169,8 @@ async fn reconcile<S: MapStore>(
         resync_interval,
     );
     resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The adopted maps' frontends, before the first sync.
+    metrics.reconciler(&reconciler);
 
     loop {
         let retry_at = reconciler.next_retry();
@@ -229,11 +236,14 @@ async fn reconcile<S: MapStore>(
                     // First full view: bring the adopted maps to it, removing what is gone.
                     reconciler.program_all(cluster.state(), Instant::now())
                 };
-                let timings = Timings {
+                let timings = SyncPhases {
                     read: read.unwrap_or_default(),
                     model,
                     apply: started.elapsed(),
                 };
+                metrics.sync(timings, SystemTime::now());
+                metrics.apply(&report);
+                metrics.reconciler(&reconciler);
                 let frontends = reconciler.dataplane().len();
                 log_report(&report, frontends, events, sync.services, timings);
                 if !programmed {
@@ -247,16 +257,26 @@ async fn reconcile<S: MapStore>(
             }
             _ = retry, if programmed => {
                 let started = Instant::now();
-                if let Some(report) = reconciler.retry(Instant::now()) && report.changed() {
-                    let timings = Timings { apply: started.elapsed(), ..Default::default() };
-                    log_report(&report, reconciler.dataplane().len(), 0, 0, timings);
+                if let Some(report) = reconciler.retry(Instant::now()) {
+                    metrics.apply(&report);
+                    metrics.reconciler(&reconciler);
+                    if report.changed() {
+                        let timings = SyncPhases { apply: started.elapsed(), ..Default::default() };
+                        log_report(&report, reconciler.dataplane().len(), 0, 0, timings);
+                    }
                 }
             }
             _ = resync.tick(), if programmed => {
                 let started = Instant::now();
-                match reconciler.resync(Instant::now()) {
+                let resynced = reconciler.resync(Instant::now());
+                if let Ok(report) = &resynced {
+                    metrics.apply(&report.apply);
+                    metrics.drift_repaired(report.frontends.len() + report.entries.len());
+                }
+                metrics.reconciler(&reconciler);
+                match resynced {
                     Ok(report) if report.apply.changed() || !report.entries.is_empty() => {
-                        let timings = Timings { apply: started.elapsed(), ..Default::default() };
+                        let timings = SyncPhases { apply: started.elapsed(), ..Default::default() };
                         log_report(&report.apply, reconciler.dataplane().len(), 0, 0, timings);
                     }
                     Ok(_) => debug!(
@@ -277,15 +297,13 @@ fn release_freed_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
-/// Where a sync's time went: reading the source, the model, writing the maps.
-#[derive(Default)]
-struct Timings {
-    read: Duration,
-    model: Duration,
-    apply: Duration,
-}
-
-fn log_report(report: &ApplyReport, frontends: usize, events: usize, services: usize, t: Timings) {
+fn log_report(
+    report: &ApplyReport,
+    frontends: usize,
+    events: usize,
+    services: usize,
+    t: SyncPhases,
+) {
     info!(
         frontends,
         added = report.added,
@@ -355,6 +373,7 @@ mod tests {
                     reconciler,
                     node,
                     &health,
+                    &Metrics::default(),
                     Duration::from_secs(3600),
                     shutdown,
                 )

@@ -33,6 +33,16 @@ pub struct Reconciler<S> {
     dataplane: Dataplane<S>,
     wanted: DesiredState,
     failing: BTreeMap<Frontend, Failure>,
+    counts: Counts,
+}
+
+/// What the reconciler did since it started (for the metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Failing frontends written again when their backoff expired.
+    pub retries: u64,
+    /// Failing frontends that were programmed after all.
+    pub recoveries: u64,
 }
 
 impl<S: MapStore> Reconciler<S> {
@@ -41,7 +51,17 @@ impl<S: MapStore> Reconciler<S> {
             dataplane,
             wanted: DesiredState::default(),
             failing: BTreeMap::new(),
+            counts: Counts::default(),
         }
+    }
+
+    /// Frontends whose wanted state is not in the maps because their last write failed.
+    pub fn failing(&self) -> usize {
+        self.failing.len()
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts
     }
 
     pub fn dataplane(&self) -> &Dataplane<S> {
@@ -95,6 +115,7 @@ impl<S: MapStore> Reconciler<S> {
         if due.is_empty() {
             return None;
         }
+        self.counts.retries += due.len() as u64;
         let report = self.dataplane.apply_changes(&due);
         let attempted: BTreeSet<Frontend> = due.into_keys().collect();
         self.note(&report, &attempted, now);
@@ -151,6 +172,7 @@ impl<S: MapStore> Reconciler<S> {
         for frontend in recovered {
             let failure = self.failing.remove(&frontend).expect("listed");
             if self.wanted.frontends.contains_key(&frontend) {
+                self.counts.recoveries += 1;
                 info!(
                     %frontend,
                     attempts = failure.attempts,
