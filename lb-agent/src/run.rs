@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::Path,
     pin::pin,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -161,7 +161,7 @@ async fn reconcile<S: MapStore>(
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
     let mut cluster = Cluster::new(node);
-    let mut origins: BTreeMap<ObjectRef, PathBuf> = BTreeMap::new();
+    let mut origins: BTreeMap<ObjectRef, Arc<Path>> = BTreeMap::new();
     let mut synced = false;
     let mut programmed = false;
     let mut resync = interval_at(
@@ -231,10 +231,10 @@ async fn reconcile<S: MapStore>(
                 }
                 let started = Instant::now();
                 let report = if programmed {
-                    reconciler.apply_changes(&sync.changed, Instant::now())
+                    reconciler.apply_changes(&cluster, &sync.changed, Instant::now())
                 } else {
                     // First full view: bring the adopted maps to it, removing what is gone.
-                    reconciler.program_all(cluster.state(), Instant::now())
+                    reconciler.program_all(&cluster, Instant::now())
                 };
                 let timings = SyncPhases {
                     read: read.unwrap_or_default(),
@@ -257,7 +257,7 @@ async fn reconcile<S: MapStore>(
             }
             _ = retry, if programmed => {
                 let started = Instant::now();
-                if let Some(report) = reconciler.retry(Instant::now()) {
+                if let Some(report) = reconciler.retry(&cluster, Instant::now()) {
                     metrics.apply(&report);
                     metrics.reconciler(&reconciler);
                     if report.changed() {
@@ -268,7 +268,7 @@ async fn reconcile<S: MapStore>(
             }
             _ = resync.tick(), if programmed => {
                 let started = Instant::now();
-                let resynced = reconciler.resync(Instant::now());
+                let resynced = reconciler.resync(&cluster, Instant::now());
                 if let Ok(report) = &resynced {
                     metrics.apply(&report.apply);
                     metrics.drift_repaired(report.frontends.len() + report.entries.len());

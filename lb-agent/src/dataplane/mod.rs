@@ -19,8 +19,7 @@ use lb_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::model::FrontendState;
-use crate::model::{Backend, DesiredState, Frontend, Protocol, ServicePortName};
+use crate::model::{Backend, DesiredFrontends, Frontend, FrontendState, Protocol, ServicePortName};
 use plan::{
     BackendAddr, ChangeKind, Family, FrontendKey, Programmed, ProgrammedFrontend, Scope, Wanted,
     WantedFrontend, Write,
@@ -177,12 +176,9 @@ impl<S: MapStore> Dataplane<S> {
     /// Brings the maps to `desired`, changing only what differs; frontends not in `desired` are
     /// removed. A frontend that cannot be written (bad size, full map) is reported and keeps its
     /// previous programming; the others proceed.
-    pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
+    pub fn apply(&mut self, desired: &impl DesiredFrontends) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let wanted = self.wanted(
-            desired.frontends.iter().map(|(f, s)| (f, Some(s))),
-            &mut report,
-        );
+        let wanted = self.wanted(desired.frontends().map(|(f, s)| (f, Some(s))), &mut report);
         self.execute(&wanted, Scope::All, report)
     }
 
@@ -292,7 +288,7 @@ impl<S: MapStore> Dataplane<S> {
     /// order of [`plan`], as for any change), an entry the agent did not write is removed, and so
     /// are slots, members and names no entry reaches; member entries missing for a backend in use
     /// are written again.
-    pub fn resync(&mut self, desired: &DesiredState) -> anyhow::Result<ResyncReport> {
+    pub fn resync(&mut self, desired: &impl DesiredFrontends) -> anyhow::Result<ResyncReport> {
         let snapshot = self.store.snapshot()?;
         let actual = snapshot.frontends();
         let mut report = ResyncReport::default();

@@ -11,7 +11,7 @@ use std::{
 use tracing::{debug, error, info, warn};
 
 use super::{ApplyReport, Dataplane, MapStore, ResyncReport};
-use crate::model::{DesiredState, Frontend, FrontendState};
+use crate::model::{DesiredFrontends, Frontend, FrontendState};
 
 /// First retry of a failed frontend; each further one waits twice as long, up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -31,7 +31,6 @@ struct Failure {
 
 pub struct Reconciler<S> {
     dataplane: Dataplane<S>,
-    wanted: DesiredState,
     failing: BTreeMap<Frontend, Failure>,
     counts: Counts,
 }
@@ -49,7 +48,6 @@ impl<S: MapStore> Reconciler<S> {
     pub fn new(dataplane: Dataplane<S>) -> Self {
         Self {
             dataplane,
-            wanted: DesiredState::default(),
             failing: BTreeMap::new(),
             counts: Counts::default(),
         }
@@ -73,29 +71,23 @@ impl<S: MapStore> Reconciler<S> {
     }
 
     /// The first full view: the maps are brought to it, and what it lacks is removed.
-    pub fn program_all(&mut self, state: DesiredState, now: Instant) -> ApplyReport {
-        self.wanted = state;
-        let report = self.dataplane.apply(&self.wanted);
-        let attempted: BTreeSet<Frontend> = self.wanted.frontends.keys().copied().collect();
-        self.note(&report, &attempted, now);
+    pub fn program_all(&mut self, wanted: &impl DesiredFrontends, now: Instant) -> ApplyReport {
+        let report = self.dataplane.apply(wanted);
+        let attempted: BTreeSet<Frontend> = wanted.frontends().map(|(f, _)| *f).collect();
+        self.note(wanted, &report, &attempted, now);
         report
     }
 
-    /// Changed frontends (`None`: gone); the others stay as they are.
+    /// Changed frontends (`None`: gone), as `wanted` now has them; the others stay as they are.
     pub fn apply_changes(
         &mut self,
+        wanted: &impl DesiredFrontends,
         changed: &BTreeMap<Frontend, Option<FrontendState>>,
         now: Instant,
     ) -> ApplyReport {
-        for (frontend, state) in changed {
-            match state {
-                Some(state) => drop(self.wanted.frontends.insert(*frontend, state.clone())),
-                None => drop(self.wanted.frontends.remove(frontend)),
-            }
-        }
         let report = self.dataplane.apply_changes(changed);
         let attempted: BTreeSet<Frontend> = changed.keys().copied().collect();
-        self.note(&report, &attempted, now);
+        self.note(wanted, &report, &attempted, now);
         report
     }
 
@@ -105,12 +97,12 @@ impl<S: MapStore> Reconciler<S> {
     }
 
     /// Retries the failing frontends whose backoff has passed; `None` when none was due.
-    pub fn retry(&mut self, now: Instant) -> Option<ApplyReport> {
+    pub fn retry(&mut self, wanted: &impl DesiredFrontends, now: Instant) -> Option<ApplyReport> {
         let due: BTreeMap<Frontend, Option<FrontendState>> = self
             .failing
             .iter()
             .filter(|(_, f)| f.retry_at <= now)
-            .map(|(frontend, _)| (*frontend, self.wanted.frontends.get(frontend).cloned()))
+            .map(|(frontend, _)| (*frontend, wanted.frontend(frontend).cloned()))
             .collect();
         if due.is_empty() {
             return None;
@@ -118,19 +110,21 @@ impl<S: MapStore> Reconciler<S> {
         self.counts.retries += due.len() as u64;
         let report = self.dataplane.apply_changes(&due);
         let attempted: BTreeSet<Frontend> = due.into_keys().collect();
-        self.note(&report, &attempted, now);
+        self.note(wanted, &report, &attempted, now);
         Some(report)
     }
 
     /// Compares the maps with the wanted state and repairs any difference (failing frontends are
     /// retried too). Every repair is logged.
-    pub fn resync(&mut self, now: Instant) -> anyhow::Result<ResyncReport> {
-        let report = self.dataplane.resync(&self.wanted)?;
+    pub fn resync(
+        &mut self,
+        wanted: &impl DesiredFrontends,
+        now: Instant,
+    ) -> anyhow::Result<ResyncReport> {
+        let report = self.dataplane.resync(wanted)?;
         for (frontend, what) in report.frontends.iter().take(MAX_REPAIRS_LOGGED) {
-            let service = self
-                .wanted
-                .frontends
-                .get(frontend)
+            let service = wanted
+                .frontend(frontend)
                 .map(|s| s.service.to_string())
                 .unwrap_or_else(|| "no Service".into());
             warn!(%frontend, %service, "repaired drift in the maps: {what}");
@@ -147,20 +141,25 @@ impl<S: MapStore> Reconciler<S> {
                 "repaired drift in the maps: {unlogged} more repairs not logged one by one"
             );
         }
-        let attempted: BTreeSet<Frontend> = self
-            .wanted
-            .frontends
-            .keys()
+        let attempted: BTreeSet<Frontend> = wanted
+            .frontends()
+            .map(|(f, _)| f)
             .chain(self.failing.keys())
             .copied()
             .collect();
-        self.note(&report.apply, &attempted, now);
+        self.note(wanted, &report.apply, &attempted, now);
         Ok(report)
     }
 
     /// Records what an apply did: failures (logged when new) get a retry time; failing
     /// frontends that were attempted and did not fail again are logged as recovered.
-    fn note(&mut self, report: &ApplyReport, attempted: &BTreeSet<Frontend>, now: Instant) {
+    fn note(
+        &mut self,
+        wanted: &impl DesiredFrontends,
+        report: &ApplyReport,
+        attempted: &BTreeSet<Frontend>,
+        now: Instant,
+    ) {
         let failed: BTreeMap<&Frontend, &String> =
             report.failed.iter().map(|(f, r)| (f, r)).collect();
         let recovered: Vec<Frontend> = self
@@ -171,7 +170,7 @@ impl<S: MapStore> Reconciler<S> {
             .collect();
         for frontend in recovered {
             let failure = self.failing.remove(&frontend).expect("listed");
-            if self.wanted.frontends.contains_key(&frontend) {
+            if wanted.frontend(&frontend).is_some() {
                 self.counts.recoveries += 1;
                 info!(
                     %frontend,

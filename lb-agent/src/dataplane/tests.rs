@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::*;
-use crate::model::FrontendState;
+use crate::model::{DesiredState, FrontendState};
 
 #[derive(Default)]
 struct MemStore {
@@ -606,7 +606,7 @@ mod reconciler {
 
     fn reconciler(frontends: &[(u16, &[u8])], now: Instant) -> Reconciler<MemStore> {
         let mut r = Reconciler::new(Dataplane::adopt(MemStore::default()).unwrap());
-        let report = r.program_all(desired(frontends), now);
+        let report = r.program_all(&desired(frontends), now);
         assert!(report.failed.is_empty(), "{report:?}");
         r
     }
@@ -630,7 +630,7 @@ mod reconciler {
         r: &mut Reconciler<MemStore>,
         frontends: &[(u16, &[u8])],
     ) -> crate::dataplane::ResyncReport {
-        let report = r.resync(Instant::now()).unwrap();
+        let report = r.resync(&desired(frontends), Instant::now()).unwrap();
         let s = store(r);
         for (port, lasts) in frontends {
             let want: BTreeSet<BackendAddr> = lasts.iter().map(|&l| backend4(l)).collect();
@@ -651,20 +651,23 @@ mod reconciler {
         store(&mut r).fail_port = Some(81);
         let next = desired(&[(80, &[1]), (81, &[2, 3])]);
         let changed = [(frontend(81), Some(next.frontends[&frontend(81)].clone()))].into();
-        let report = r.apply_changes(&changed, t0);
+        let report = r.apply_changes(&next, &changed, t0);
         assert_eq!(report.failed.len(), 1);
         assert_eq!(r.next_retry(), Some(t0 + FIRST_BACKOFF));
-        assert!(r.retry(t0 + FIRST_BACKOFF / 2).is_none(), "not due yet");
+        assert!(
+            r.retry(&next, t0 + FIRST_BACKOFF / 2).is_none(),
+            "not due yet"
+        );
 
         // Still failing: the wait doubles.
         let t1 = t0 + FIRST_BACKOFF;
-        assert_eq!(r.retry(t1).unwrap().failed.len(), 1);
+        assert_eq!(r.retry(&next, t1).unwrap().failed.len(), 1);
         assert_eq!(r.next_retry(), Some(t1 + 2 * FIRST_BACKOFF));
 
         // The map takes writes again: the next retry programs it, and nothing is left to retry.
         store(&mut r).fail_port = None;
         let t2 = t1 + 2 * FIRST_BACKOFF;
-        let report = r.retry(t2).unwrap();
+        let report = r.retry(&next, t2).unwrap();
         assert_eq!((report.added, report.failed.len()), (1, 0));
         assert_eq!(r.next_retry(), None);
         assert_eq!(
@@ -681,11 +684,12 @@ mod reconciler {
         store(&mut r).fail_port = Some(81);
         let next = desired(&[(81, &[2])]);
         let report = r.apply_changes(
+            &next,
             &[(frontend(81), Some(next.frontends[&frontend(81)].clone()))].into(),
             t0,
         );
         assert_eq!(report.failed.len(), 1);
-        r.apply_changes(&[(frontend(81), None)].into(), t0);
+        r.apply_changes(&desired(&[]), &[(frontend(81), None)].into(), t0);
         assert_eq!(r.next_retry(), None);
     }
 

@@ -8,7 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    DesiredState, Frontend, FrontendState, NodeContext, ObjectRef, Problem, ServicePortName,
+    DesiredFrontends, DesiredState, Frontend, FrontendState, NodeContext, ObjectRef, Problem,
+    ServicePortName,
     endpoints::{ServiceEndpoints, SliceInput},
     service::ServiceInput,
 };
@@ -352,6 +353,19 @@ impl Cluster {
 fn insert_sorted<T: Ord + Clone>(sorted: &mut Vec<T>, value: &T) {
     if let Err(at) = sorted.binary_search(value) {
         sorted.insert(at, value.clone());
+    }
+}
+
+/// The frontends as of the last [`Cluster::sync`].
+impl DesiredFrontends for Cluster {
+    fn frontend(&self, frontend: &Frontend) -> Option<&FrontendState> {
+        self.output(frontend)
+    }
+
+    fn frontends(&self) -> impl Iterator<Item = (&Frontend, &FrontendState)> {
+        self.claims
+            .keys()
+            .filter_map(|f| Some((f, self.output(f)?)))
     }
 }
 

@@ -19,7 +19,7 @@ pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 
 /// An EndpointSlice as the model keeps it: parsed once, when it arrives, into what the rules
 /// read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SliceInput {
     pub namespace: String,
     pub name: String,
@@ -62,21 +62,21 @@ pub(super) struct ServiceEndpoints<'a> {
     slices: Vec<&'a Slice>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Slice {
     ipv6: bool,
     ports: Vec<SlicePort>,
     endpoints: Vec<Endpoint>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct SlicePort {
     name: String,
     protocol: Protocol,
     port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Endpoint {
     address: IpAddr,
     ready: bool,
@@ -87,7 +87,7 @@ struct Endpoint {
     topology: Option<Box<EndpointTopology>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct EndpointTopology {
     node_name: Option<String>,
     zone_hints: BTreeSet<String>,

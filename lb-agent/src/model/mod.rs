@@ -173,6 +173,24 @@ pub struct DesiredState {
     pub frontends: BTreeMap<Frontend, FrontendState>,
 }
 
+/// What every frontend should be, as the reconciler reads it: from the model itself
+/// ([`Cluster`]), so the agent keeps no second copy, or from a [`DesiredState`].
+pub trait DesiredFrontends {
+    fn frontend(&self, frontend: &Frontend) -> Option<&FrontendState>;
+    /// Every frontend, in order.
+    fn frontends(&self) -> impl Iterator<Item = (&Frontend, &FrontendState)>;
+}
+
+impl DesiredFrontends for DesiredState {
+    fn frontend(&self, frontend: &Frontend) -> Option<&FrontendState> {
+        self.frontends.get(frontend)
+    }
+
+    fn frontends(&self) -> impl Iterator<Item = (&Frontend, &FrontendState)> {
+        self.frontends.iter()
+    }
+}
+
 /// The result of [`translate`]: the state to program, and what had to be skipped and why.
 #[cfg(test)]
 #[derive(Debug, Default)]

@@ -5,7 +5,7 @@ use std::fmt;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// A Kubernetes object by kind, namespace and name: what `kubectl` considers the same object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
     pub kind: &'static str,
     pub namespace: String,
@@ -41,7 +41,7 @@ impl fmt::Display for ObjectRef {
 }
 
 /// Something in an object the model had to skip.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Problem {
     pub object: ObjectRef,
     /// Path of the offending field, as in `kubectl explain` (`spec.ports[1].port`).

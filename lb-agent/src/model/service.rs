@@ -10,7 +10,7 @@ use super::{Frontend, NodeContext, ObjectRef, Problem, Protocol, ServiceKey, top
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
 /// A Service as the model keeps it: parsed once, when it arrives, into what the rules read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceInput {
     pub key: ServiceKey,
     proxy_name: Option<String>,
@@ -58,14 +58,14 @@ impl ServiceInput {
 }
 
 /// A Service's frontends by port, and the policy its endpoints are chosen by.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct ServiceFrontends {
     pub policy: Policy,
     pub ports: Vec<PortFrontends>,
 }
 
 /// The frontends of one Service port (one per ClusterIP, so two on a dual-stack Service).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct PortFrontends {
     /// The port's name; empty when unnamed.
     pub name: String,

@@ -28,13 +28,13 @@ pub(super) struct Candidate {
 }
 
 /// The Service settings the rules depend on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub(super) struct Policy {
     /// `internalTrafficPolicy: Local`.
     pub local: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum TopologyMode {
     All,
     SameZone,

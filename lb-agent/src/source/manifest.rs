@@ -12,12 +12,19 @@
 //! previous objects, and an object that does not deserialize keeps its previous version. A file
 //! that cannot be read at all keeps its objects too; until every file has been read once, the
 //! source is not synced (nothing is programmed and the agent is not ready).
+//!
+//! The objects themselves live in the model: the source keeps only which objects each file
+//! defines and a digest of each, enough to tell what a new read changed. When the file that wins
+//! an object (the last in name order) stops defining it, the object comes back from an earlier
+//! file, which is read again for it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt, fs,
+    hash::{DefaultHasher, Hash as _, Hasher as _},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -40,8 +47,8 @@ use crate::{
     source::kube::node_zone,
 };
 
-/// A Service, EndpointSlice or Node read from a file, kept as the model keeps it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A Service, EndpointSlice or Node read from a file, as the model keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Object {
     Service(ServiceInput),
     EndpointSlice(SliceInput),
@@ -100,6 +107,24 @@ impl Fingerprint {
     }
 }
 
+/// A digest of an [`Object`]: equal digests, the same object (to 1 in 2^64).
+type Digest = u64;
+
+/// Stands for a version the source could not read back (see [`ManifestSource::read_back`]): no
+/// object's digest is expected to equal it, so the file's next read reports the object again.
+const UNKNOWN: Digest = 0;
+
+fn digest(object: &Object) -> Digest {
+    // DefaultHasher::new() has fixed keys: the same object always has the same digest.
+    let mut hasher = DefaultHasher::new();
+    object.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// An object as a read found it: parsed anew, or kept as it was (it did not deserialize this
+/// time, and had a good version before).
+type Read = Option<Object>;
+
 /// One file: what it defined when last read successfully.
 #[derive(Default)]
 struct File {
@@ -111,14 +136,14 @@ struct File {
     ever_read: bool,
     /// The last read error, reported once until it changes.
     failure: Option<String>,
-    objects: BTreeMap<ObjectRef, Object>,
+    objects: BTreeMap<ObjectRef, Digest>,
 }
 
 /// What one [`ManifestSource::poll`] found.
 #[derive(Debug, Default)]
 pub struct Poll {
     pub events: Vec<Event>,
-    pub origins: BTreeMap<ObjectRef, Option<PathBuf>>,
+    pub origins: BTreeMap<ObjectRef, Option<Arc<Path>>>,
     pub errors: Vec<ManifestError>,
     /// Files read in this poll.
     pub files_read: usize,
@@ -132,10 +157,10 @@ pub struct ManifestSource {
     root: PathBuf,
     /// With `--node-name`: the Node whose zone is this node's.
     node_name: Option<String>,
-    files: BTreeMap<PathBuf, File>,
+    files: BTreeMap<Arc<Path>, File>,
     /// Which files define each object, in name order: the last one wins (like repeated
     /// `kubectl apply`).
-    defined_in: BTreeMap<ObjectRef, Vec<PathBuf>>,
+    defined_in: BTreeMap<ObjectRef, Vec<Arc<Path>>>,
     /// The last listing error, reported once until it changes.
     listing_failure: Option<String>,
 }
@@ -183,7 +208,7 @@ impl ManifestSource {
         Ok(paths)
     }
 
-    /// Re-allocates the objects kept after a large load (see `Cluster::compact`).
+    /// Re-allocates what the source keeps after a large load (see `Cluster::compact`).
     pub fn compact(&mut self) {
         for file in self.files.values_mut() {
             file.objects = file.objects.clone();
@@ -209,27 +234,33 @@ impl ManifestSource {
                 return poll;
             }
         };
+        // Objects whose version now comes from a file other than the one being read.
+        let mut read_back = Vec::new();
 
         // Files gone: what they defined goes too (unless another file defines it).
-        let listed: BTreeSet<&PathBuf> = paths.iter().collect();
-        let gone: Vec<PathBuf> = self
+        let listed: BTreeSet<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        let gone: Vec<Arc<Path>> = self
             .files
             .keys()
-            .filter(|p| !listed.contains(p))
+            .filter(|p| !listed.contains(p.as_ref()))
             .cloned()
             .collect();
         for path in gone {
             debug!(file = %path.display(), "manifest removed");
-            self.replace_objects(&path, BTreeMap::new(), &mut poll);
+            self.replace_objects(&path, BTreeMap::new(), &mut poll, &mut read_back);
             self.files.remove(&path);
         }
 
-        for path in &paths {
+        for path in paths {
             // A file removed between listing and stat simply drops out at the next poll.
-            let Ok(meta) = fs::metadata(path) else {
+            let Ok(meta) = fs::metadata(&path) else {
                 continue;
             };
             let now = Fingerprint::of(&meta);
+            let path: Arc<Path> = match self.files.get_key_value(path.as_path()) {
+                Some((known, _)) => known.clone(),
+                None => path.into(),
+            };
             let file = self.files.entry(path.clone()).or_default();
             let due = match file.read {
                 None => true,
@@ -242,11 +273,7 @@ impl ManifestSource {
             }
             file.pending = None;
             file.read = Some(now);
-            let text = match fs::read(path) {
-                Ok(bytes) => String::from_utf8(bytes).map_err(|e| e.to_string()),
-                Err(e) => Err(format!("cannot read: {e}")),
-            };
-            let text = match text {
+            let text = match read_text(&path) {
                 Ok(text) => text,
                 Err(message) => {
                     // Read again at every poll until it works; reported once.
@@ -258,7 +285,7 @@ impl ManifestSource {
                             "nothing is programmed until every file has been read"
                         };
                         poll.errors
-                            .push(file_error(path, format!("{message}; {consequence}")));
+                            .push(file_error(&path, format!("{message}; {consequence}")));
                     }
                     file.failure = Some(message);
                     continue;
@@ -269,57 +296,71 @@ impl ManifestSource {
             }
             file.ever_read = true;
             poll.files_read += 1;
-            let objects =
-                parse_file(path, &text, &file.objects, &mut poll.errors).unwrap_or_else(|| {
-                    file.objects
-                        .iter()
-                        .map(|(k, o)| (k.clone(), o.clone()))
-                        .collect()
-                });
+            // A file that does not parse keeps what it defined: nothing changes.
+            let Some(objects) = parse_file(&path, &text, &file.objects, &mut poll.errors) else {
+                continue;
+            };
+            drop(text);
             let mut by_key = BTreeMap::new();
             for (key, object) in objects {
                 if by_key.insert(key.clone(), object).is_some() {
                     poll.errors.push(ManifestError {
-                        file: path.clone(),
+                        file: path.to_path_buf(),
                         document: None,
                         object: Some(key),
                         message: "defined twice in this file; using the later one".into(),
                     });
                 }
             }
-            self.replace_objects(path, by_key, &mut poll);
+            self.replace_objects(&path, by_key, &mut poll, &mut read_back);
         }
+        self.read_back(read_back, &mut poll);
         poll.complete = self.files.values().all(|f| f.ever_read);
         poll
     }
 
-    /// The object `key` as the files define it now: the last file's.
-    fn effective(&self, key: &ObjectRef) -> Option<&Object> {
+    /// The file whose version of `key` is in effect (the last in name order), and its digest.
+    fn effective(&self, key: &ObjectRef) -> Option<(&Arc<Path>, Digest)> {
         let path = self.defined_in.get(key)?.last()?;
-        self.files.get(path)?.objects.get(key)
+        Some((path, *self.files.get(path)?.objects.get(key)?))
     }
 
     /// Sets what `path` defines, and adds an event for every object whose effective version
-    /// changed.
+    /// changed. Objects whose version now comes from another file are added to `read_back`.
     fn replace_objects(
         &mut self,
-        path: &Path,
-        objects: BTreeMap<ObjectRef, Object>,
+        path: &Arc<Path>,
+        mut objects: BTreeMap<ObjectRef, Read>,
         poll: &mut Poll,
+        read_back: &mut Vec<(ObjectRef, Arc<Path>)>,
     ) {
         let old = self.files.get(path).map(|f| &f.objects);
+        // A kept object keeps its digest.
+        let digests: BTreeMap<ObjectRef, Digest> = objects
+            .iter()
+            .filter_map(|(key, read)| {
+                let digest = match read {
+                    Some(object) => digest(object),
+                    None => *old?.get(key)?,
+                };
+                Some((key.clone(), digest))
+            })
+            .collect();
         let keys: BTreeSet<ObjectRef> = old
             .into_iter()
             .flat_map(|o| o.keys())
-            .chain(objects.keys())
+            .chain(digests.keys())
             .cloned()
             .collect();
-        let before: Vec<Option<Object>> = keys.iter().map(|k| self.effective(k).cloned()).collect();
+        let before: Vec<Option<Digest>> = keys
+            .iter()
+            .map(|k| self.effective(k).map(|(_, d)| d))
+            .collect();
         for key in &keys {
             let files = self.defined_in.entry(key.clone()).or_default();
-            let at = files.binary_search_by(|p| p.as_path().cmp(path));
-            match (objects.contains_key(key), at) {
-                (true, Err(at)) => files.insert(at, path.to_owned()),
+            let at = files.binary_search_by(|p| p.as_ref().cmp(path.as_ref()));
+            match (digests.contains_key(key), at) {
+                (true, Err(at)) => files.insert(at, path.clone()),
                 (false, Ok(at)) => drop(files.remove(at)),
                 _ => {}
             }
@@ -327,7 +368,7 @@ impl ManifestSource {
                 self.defined_in.remove(key);
             }
         }
-        for (key, files) in objects
+        for (key, files) in digests
             .keys()
             .filter_map(|k| Some((k, self.defined_in.get(k)?)))
         {
@@ -339,47 +380,113 @@ impl ManifestSource {
                     format!("using the one in {}", last.display())
                 };
                 poll.errors.push(ManifestError {
-                    file: path.to_owned(),
+                    file: path.to_path_buf(),
                     document: None,
                     object: Some(key.clone()),
                     message: format!("also defined in {}; {using}", other.display()),
                 });
             }
         }
-        self.files.entry(path.to_owned()).or_default().objects = objects;
+        self.files.entry(path.clone()).or_default().objects = digests;
         for (key, before) in keys.into_iter().zip(before) {
-            let after = self.effective(&key);
-            if after == before.as_ref() {
+            let after = self.effective(&key).map(|(p, d)| (p.clone(), d));
+            if after.as_ref().map(|(_, d)| *d) == before {
                 continue;
             }
-            let origin = self.defined_in.get(&key).and_then(|f| f.last()).cloned();
-            if let Some(event) = self.event(&key, after.cloned()) {
+            let object = match &after {
+                None => None,
+                Some((from, _)) if from == path => match objects.remove(&key).flatten() {
+                    Some(object) => Some(object),
+                    None => {
+                        read_back.push((key, from.clone()));
+                        continue;
+                    }
+                },
+                Some((from, _)) => {
+                    read_back.push((key, from.clone()));
+                    continue;
+                }
+            };
+            if let Some(event) = self.event(&key, object) {
                 poll.events.push(event);
             }
-            poll.origins.insert(key, origin);
+            poll.origins.insert(key, after.map(|(p, _)| p));
+        }
+    }
+
+    /// Reads objects back from the files that now define them (an object whose winning file
+    /// stopped defining it, while an earlier file still does), each file once. If a file cannot
+    /// give its object back (unreadable, or changed meanwhile into something that does not
+    /// parse), the model keeps the version it has, and the file is read again at the next poll,
+    /// which reports the object whatever it then holds.
+    fn read_back(&mut self, wanted: Vec<(ObjectRef, Arc<Path>)>, poll: &mut Poll) {
+        let mut by_file: BTreeMap<Arc<Path>, Vec<ObjectRef>> = BTreeMap::new();
+        for (key, path) in wanted {
+            by_file.entry(path).or_default().push(key);
+        }
+        for (path, keys) in by_file {
+            let Some(file) = self.files.get_mut(&path) else {
+                continue;
+            };
+            // Problems in it were reported when it was read; this read only fetches objects.
+            let mut ignored = Vec::new();
+            let mut found: BTreeMap<ObjectRef, Object> = read_text(&path)
+                .ok()
+                .and_then(|text| parse_file(&path, &text, &file.objects, &mut ignored))
+                .into_iter()
+                .flatten()
+                .filter_map(|(key, object)| Some((key, object?)))
+                .collect();
+            for key in keys {
+                match found.remove(&key) {
+                    Some(object) => {
+                        file.objects.insert(key.clone(), digest(&object));
+                        if let Some(event) = event(self.node_name.as_deref(), &key, Some(object)) {
+                            poll.events.push(event);
+                        }
+                        poll.origins.insert(key, Some(path.clone()));
+                    }
+                    None => {
+                        warn!(
+                            file = %path.display(),
+                            object = %key,
+                            "could not read this object back from the file that now defines \
+                             it; keeping the version in use until the file is read again"
+                        );
+                        file.objects.insert(key, UNKNOWN);
+                        file.read = None;
+                    }
+                }
+            }
         }
     }
 
     /// The model event for `key` now being `object` (`None`: gone).
     fn event(&self, key: &ObjectRef, object: Option<Object>) -> Option<Event> {
-        Some(match (key.kind, object) {
-            (_, Some(Object::Service(svc))) => Event::UpsertService(svc),
-            (_, Some(Object::EndpointSlice(slice))) => Event::UpsertSlice(slice),
-            (_, Some(Object::Node { zone })) => {
-                (self.node_name.as_deref() == Some(key.name.as_str())).then_some(())?;
-                Event::NodeZone(zone)
-            }
-            ("Service", None) => Event::DeleteService(ServiceKey {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-            }),
-            ("EndpointSlice", None) => Event::DeleteSlice(key.namespace.clone(), key.name.clone()),
-            (_, None) => {
-                (self.node_name.as_deref() == Some(key.name.as_str())).then_some(())?;
-                Event::NodeZone(None)
-            }
-        })
+        event(self.node_name.as_deref(), key, object)
     }
+}
+
+/// The model event for `key` now being `object` (`None`: gone); a Node only when it is this
+/// node (`node_name`).
+fn event(node_name: Option<&str>, key: &ObjectRef, object: Option<Object>) -> Option<Event> {
+    Some(match (key.kind, object) {
+        (_, Some(Object::Service(svc))) => Event::UpsertService(svc),
+        (_, Some(Object::EndpointSlice(slice))) => Event::UpsertSlice(slice),
+        (_, Some(Object::Node { zone })) => {
+            (node_name == Some(key.name.as_str())).then_some(())?;
+            Event::NodeZone(zone)
+        }
+        ("Service", None) => Event::DeleteService(ServiceKey {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        }),
+        ("EndpointSlice", None) => Event::DeleteSlice(key.namespace.clone(), key.name.clone()),
+        (_, None) => {
+            (node_name == Some(key.name.as_str())).then_some(())?;
+            Event::NodeZone(None)
+        }
+    })
 }
 
 /// Polls the manifests every `poll_interval` and sends what changed, until the receiver is gone.
@@ -418,6 +525,14 @@ pub async fn follow(mut source: ManifestSource, poll_interval: Duration, tx: mps
     }
 }
 
+/// A file's text, or why it cannot be had.
+fn read_text(path: &Path) -> Result<String, String> {
+    match fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("cannot read: {e}")),
+    }
+}
+
 fn file_error(path: &Path, message: String) -> ManifestError {
     ManifestError {
         file: path.to_owned(),
@@ -428,13 +543,13 @@ fn file_error(path: &Path, message: String) -> ManifestError {
 }
 
 /// Parses one file: `None` on a syntax error (the file keeps what it had). An object that does
-/// not deserialize keeps its version in `previous`, if any.
+/// not deserialize keeps its version in `previous`, if any (a `None` [`Read`]).
 fn parse_file(
     path: &Path,
     text: &str,
-    previous: &BTreeMap<ObjectRef, Object>,
+    previous: &BTreeMap<ObjectRef, Digest>,
     errors: &mut Vec<ManifestError>,
-) -> Option<Vec<(ObjectRef, Object)>> {
+) -> Option<Vec<(ObjectRef, Read)>> {
     // Each document is parsed into the model's form before the next is read, so a large file
     // never exists as a tree of YAML values all at once.
     let mut objects = Vec::new();
@@ -478,16 +593,16 @@ fn parse_file(
         };
         for item in items {
             match parse_object(item) {
-                Ok(Some(parsed)) => objects.push(parsed),
+                Ok(Some((key, object))) => objects.push((key, Some(object))),
                 Ok(None) => {}
                 Err((key, message)) => {
-                    let kept = key.as_ref().and_then(|k| previous.get_key_value(k));
+                    let kept = key.as_ref().filter(|k| previous.contains_key(k)).cloned();
                     let message = match kept {
                         Some(_) => format!("{message}; keeping its previous version"),
                         None => format!("{message}; skipped"),
                     };
                     error(key, message);
-                    objects.extend(kept.map(|(k, o)| (k.clone(), o.clone())));
+                    objects.extend(kept.map(|k| (k, None)));
                 }
             }
         }
@@ -627,16 +742,11 @@ mod tests {
             .collect()
     }
 
-    fn tempdir() -> PathBuf {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lb-manifest-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        dir
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("lb-manifest-test-")
+            .tempdir()
+            .unwrap()
     }
 
     fn web_ref() -> ObjectRef {
@@ -649,46 +759,50 @@ mod tests {
 
     #[test]
     fn reads_multi_document_files_lists_and_skips_other_kinds() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         let list = format!(
             "apiVersion: v1\nkind: List\nitems:\n- {}\n",
             serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(API).unwrap())
                 .unwrap()
         );
         write(
-            &dir,
+            dir,
             "a.yaml",
             &format!(
                 "{WEB}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n---\n"
             ),
         );
-        write(&dir, "b.yml", &list);
-        write(&dir, ".b.yml.swp", "junk: [");
-        write(&dir, "notes.txt", "junk: [");
-        let poll = ManifestSource::new(&dir, None).unwrap().poll();
+        write(dir, "b.yml", &list);
+        write(dir, ".b.yml.swp", "junk: [");
+        write(dir, "notes.txt", "junk: [");
+        let poll = ManifestSource::new(dir, None).unwrap().poll();
         assert_eq!(events(&poll), ["+Service shop/web", "+Service default/api"]);
         assert!(poll.errors.is_empty(), "{:?}", poll.errors);
         assert!(poll.complete);
-        assert_eq!(poll.origins[&web_ref()], Some(dir.join("a.yaml")));
-        fs::remove_dir_all(dir).unwrap();
+        assert_eq!(
+            poll.origins[&web_ref()].as_deref(),
+            Some(dir.join("a.yaml").as_path())
+        );
     }
 
     #[test]
     fn a_changed_file_yields_only_its_changed_objects() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         write(
-            &dir,
+            dir,
             "a.yaml",
             &format!("{WEB}---\n{}", slice("web-1", "10.0.0.1")),
         );
-        write(&dir, "b.yaml", API);
-        let mut source = ManifestSource::new(&dir, None).unwrap();
+        write(dir, "b.yaml", API);
+        let mut source = ManifestSource::new(dir, None).unwrap();
         assert_eq!(source.poll().events.len(), 3);
         assert!(source.poll().events.is_empty(), "nothing changed");
 
         // Only the slice changed: one event, and b.yaml is not read.
         write(
-            &dir,
+            dir,
             "a.yaml",
             &format!("{WEB}---\n{}", slice("web-1", "10.0.0.2")),
         );
@@ -698,7 +812,7 @@ mod tests {
 
         // Rewritten with the same objects: read, but nothing changed.
         write(
-            &dir,
+            dir,
             "a.yaml",
             &format!("{WEB}---\n{}", slice("web-1", "10.0.0.2")),
         );
@@ -706,17 +820,17 @@ mod tests {
         assert_eq!((poll.files_read, poll.events.len()), (1, 0));
 
         // An object dropped from a file is deleted.
-        write(&dir, "a.yaml", WEB);
+        write(dir, "a.yaml", WEB);
         assert_eq!(events(&source.poll()), ["-EndpointSlice shop/web-1"]);
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_deleted_file_deletes_its_objects_unless_another_file_defines_them() {
-        let dir = tempdir();
-        write(&dir, "a.yaml", &format!("{WEB}---\n{API}"));
-        write(&dir, "b.yaml", API);
-        let mut source = ManifestSource::new(&dir, None).unwrap();
+        let tmp = tempdir();
+        let dir = tmp.path();
+        write(dir, "a.yaml", &format!("{WEB}---\n{API}"));
+        write(dir, "b.yaml", API);
+        let mut source = ManifestSource::new(dir, None).unwrap();
         let poll = source.poll();
         assert!(
             poll.errors.iter().any(|e| e
@@ -736,17 +850,83 @@ mod tests {
         let poll = source.poll();
         assert_eq!(events(&poll), ["-Service default/api", "-Service shop/web"]);
         assert_eq!(poll.origins[&web_ref()], None);
-        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_object_a_later_file_stops_defining_comes_back_from_an_earlier_one() {
+        let tmp = tempdir();
+        let dir = tmp.path();
+        let web_81 = WEB.replace("port: 80", "port: 81");
+        write(dir, "a.yaml", WEB);
+        write(dir, "b.yaml", &format!("{web_81}---\n{API}"));
+        let mut source = ManifestSource::new(dir, None).unwrap();
+        let poll = source.poll();
+        let port = |poll: &Poll| match &poll.events[..] {
+            [Event::UpsertService(svc)] => format!("{svc:?}").contains("port: 81"),
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            poll.events
+                .iter()
+                .any(|e| format!("{e:?}").contains("port: 81"))
+        );
+
+        // b.yaml drops web: a.yaml's version (read back, not kept in memory) is in effect again.
+        write(dir, "b.yaml", API);
+        let poll = source.poll();
+        assert!(!port(&poll), "a.yaml's port 80 is back: {:?}", poll.events);
+        assert_eq!(
+            poll.origins[&web_ref()].as_deref(),
+            Some(dir.join("a.yaml").as_path())
+        );
+
+        // b.yaml takes it over again, then goes: the same, through a removed file.
+        write(dir, "b.yaml", &format!("{web_81}---\n{API}"));
+        assert!(port(&source.poll()));
+        fs::remove_file(dir.join("b.yaml")).unwrap();
+        let poll = source.poll();
+        assert_eq!(
+            events(&poll),
+            ["-Service default/api", "+Service shop/web"],
+            "{:?}",
+            poll.events
+        );
+        assert!(format!("{:?}", poll.events[1]).contains("port: 80"));
+    }
+
+    #[test]
+    fn an_object_that_cannot_be_read_back_keeps_its_version_until_its_file_reads() {
+        let tmp = tempdir();
+        let dir = tmp.path();
+        let web_81 = WEB.replace("port: 80", "port: 81");
+        write(dir, "a.yaml", WEB);
+        write(dir, "b.yaml", &web_81);
+        let mut source = ManifestSource::new(dir, None).unwrap();
+        source.poll();
+
+        // a.yaml is rewritten in place into junk (not read yet: it has not held still), and b.yaml
+        // drops web: there is nothing to read back, so web stays as it is.
+        fs::write(dir.join("a.yaml"), "kind: [").unwrap();
+        write(dir, "b.yaml", API);
+        let poll = source.poll();
+        assert_eq!(events(&poll), ["+Service default/api"]);
+
+        // Once a.yaml holds a good web again, it is read and web comes from it.
+        write(dir, "a.yaml", &WEB.replace("port: 80", "port: 82"));
+        let poll = source.poll();
+        assert_eq!(events(&poll), ["+Service shop/web"]);
+        assert!(format!("{:?}", poll.events[0]).contains("port: 82"));
     }
 
     #[test]
     fn renamed_into_place_is_read_at_once_written_in_place_once_it_held_still() {
-        let dir = tempdir();
-        write(&dir, "a.yaml", WEB);
-        let mut source = ManifestSource::new(&dir, None).unwrap();
+        let tmp = tempdir();
+        let dir = tmp.path();
+        write(dir, "a.yaml", WEB);
+        let mut source = ManifestSource::new(dir, None).unwrap();
         source.poll();
 
-        write(&dir, "a.yaml", API);
+        write(dir, "a.yaml", API);
         assert_eq!(
             events(&source.poll()),
             ["+Service default/api", "-Service shop/web"],
@@ -762,19 +942,19 @@ mod tests {
         );
         let poll = source.poll();
         assert_eq!(events(&poll), ["-Service default/api", "+Service shop/web"]);
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn junk_yaml_keeps_the_files_previous_objects() {
-        let dir = tempdir();
-        write(&dir, "a.yaml", WEB);
-        write(&dir, "b.yaml", API);
-        let mut source = ManifestSource::new(&dir, None).unwrap();
+        let tmp = tempdir();
+        let dir = tmp.path();
+        write(dir, "a.yaml", WEB);
+        write(dir, "b.yaml", API);
+        let mut source = ManifestSource::new(dir, None).unwrap();
         assert_eq!(source.poll().events.len(), 2);
 
         write(
-            &dir,
+            dir,
             "a.yaml",
             "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
         );
@@ -792,7 +972,7 @@ mod tests {
         );
 
         // A file that never parsed has nothing to keep, and says so.
-        write(&dir, "c.yaml", "kind: [");
+        write(dir, "c.yaml", "kind: [");
         let poll = source.poll();
         let new_file = poll
             .errors
@@ -805,18 +985,18 @@ mod tests {
                 .ends_with("nothing in it is used until it parses"),
             "{new_file}"
         );
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_bad_field_names_file_document_object_and_field_and_keeps_the_old_version() {
-        let dir = tempdir();
-        write(&dir, "a.yaml", &format!("{API}---\n{WEB}"));
-        let mut source = ManifestSource::new(&dir, None).unwrap();
+        let tmp = tempdir();
+        let dir = tmp.path();
+        write(dir, "a.yaml", &format!("{API}---\n{WEB}"));
+        let mut source = ManifestSource::new(dir, None).unwrap();
         source.poll();
 
         let bad = WEB.replace("port: 80", "port: eighty");
-        write(&dir, "a.yaml", &format!("{API}---\n{bad}"));
+        write(dir, "a.yaml", &format!("{API}---\n{bad}"));
         let poll = source.poll();
         assert!(poll.events.is_empty(), "the previous version stays");
         let message = poll.errors[0].to_string();
@@ -834,7 +1014,7 @@ mod tests {
 
         // A new object that is bad from the start is skipped.
         let bad_new = bad.replace("name: web", "name: fresh");
-        write(&dir, "b.yaml", &bad_new);
+        write(dir, "b.yaml", &bad_new);
         let poll = source.poll();
         assert!(poll.events.is_empty());
         assert!(
@@ -843,19 +1023,19 @@ mod tests {
                 .any(|e| e.to_string().contains("(Service shop/fresh)")
                     && e.to_string().ends_with("skipped"))
         );
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn wrong_api_version_and_missing_kind_are_errors() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         write(
-            &dir,
+            dir,
             "a.yaml",
             "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n\
              addressType: IPv4\nendpoints: []\n---\nfoo: bar\n",
         );
-        let poll = ManifestSource::new(&dir, None).unwrap().poll();
+        let poll = ManifestSource::new(dir, None).unwrap().poll();
         let messages: Vec<String> = poll.errors.iter().map(ToString::to_string).collect();
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(
@@ -868,12 +1048,12 @@ mod tests {
             messages[1].contains("document 2: not a Kubernetes object"),
             "{messages:?}"
         );
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn this_nodes_zone_comes_from_its_node() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         let node = |name: &str, zone: &str| {
             format!(
                 "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: \
@@ -881,24 +1061,24 @@ mod tests {
             )
         };
         write(
-            &dir,
+            dir,
             "a.yaml",
             &format!("{}---\n{}", node("a", "z1"), node("b", "z2")),
         );
-        let mut source = ManifestSource::new(&dir, Some("b")).unwrap();
+        let mut source = ManifestSource::new(dir, Some("b")).unwrap();
         assert_eq!(events(&source.poll()), ["zone=Some(\"z2\")"]);
         fs::remove_file(dir.join("a.yaml")).unwrap();
         assert_eq!(events(&source.poll()), ["zone=None"]);
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_file_or_directory_that_cannot_be_read_leaves_the_source_incomplete() {
-        let dir = tempdir();
-        write(&dir, "a.yaml", WEB);
+        let tmp = tempdir();
+        let dir = tmp.path();
+        write(dir, "a.yaml", WEB);
         // Reading /proc/self/mem from offset 0 fails (EIO), even as root.
         std::os::unix::fs::symlink("/proc/self/mem", dir.join("b.yaml")).unwrap();
-        let mut source = ManifestSource::new(&dir, None).unwrap();
+        let mut source = ManifestSource::new(dir, None).unwrap();
         let poll = source.poll();
         assert!(!poll.complete);
         assert_eq!(events(&poll), ["+Service shop/web"]);
@@ -914,13 +1094,13 @@ mod tests {
         assert!(!poll.complete && poll.errors.is_empty(), "reported once");
 
         fs::remove_file(dir.join("b.yaml")).unwrap();
-        write(&dir, "b.yaml", API);
+        write(dir, "b.yaml", API);
         let poll = source.poll();
         assert!(poll.complete);
         assert_eq!(events(&poll), ["+Service default/api"]);
 
         // A directory that cannot be listed: nothing changes, reported once.
-        fs::remove_dir_all(&dir).unwrap();
+        fs::remove_dir_all(dir).unwrap();
         let poll = source.poll();
         assert!(poll.listing_error.is_some() && poll.events.is_empty() && !poll.complete);
         assert!(source.poll().listing_error.is_none(), "reported once");

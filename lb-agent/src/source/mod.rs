@@ -6,7 +6,7 @@
 pub mod kube;
 pub mod manifest;
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use crate::model::{Event, ObjectRef};
 
@@ -16,7 +16,7 @@ pub struct Batch {
     pub events: Vec<Event>,
     /// Where the objects named here are now defined (`None`: nowhere any more), so the model's
     /// problems about them can name the file. The Kubernetes API sends none.
-    pub origins: BTreeMap<ObjectRef, Option<PathBuf>>,
+    pub origins: BTreeMap<ObjectRef, Option<Arc<Path>>>,
     /// The source has read a complete view once (every list done; every file read): from here
     /// on the model may be programmed.
     pub synced: bool,
