@@ -24,7 +24,7 @@ use xtask::{
     manifests::{self, Endpoint, Port},
     testbed::{
         PodSpec, Testbed,
-        agent::{self, SYNCED, http_status},
+        agent::{self, http_status},
         fake_api::{ENDPOINT_SLICES, FakeApi, NODES, SERVICES},
         probe::{Attempt, now_us},
     },
@@ -275,10 +275,16 @@ fn scale_up() -> anyhow::Result<()> {
 fn scale_down() -> anyhow::Result<()> {
     let (pods, mut tb) = web_testbed(5)?;
 
-    let mark = tb.agent().mark();
+    let before = tb.agent().metrics()?.frontend_writes()?;
     tb.write_manifest("web.yaml", &web_manifest(&pods[..2]))?;
-    let line = tb.agent().wait_for(SYNCED, mark, Duration::from_secs(5))?;
-    ensure!(line.contains("updated=1"), "unexpected sync: {line}");
+    wait_for_web(&tb, &pods[..2], Duration::from_secs(5))?;
+    // In place: the frontend was updated, never removed and added again.
+    let after = tb.agent().metrics()?.frontend_writes()?;
+    let written: [u64; 3] = std::array::from_fn(|i| after[i] - before[i]);
+    ensure!(
+        written == [0, 1, 0],
+        "frontends added, updated, removed: {written:?}"
+    );
 
     let counts = answers(&tb.probe(&tb.probe_args(web(), 200))?)?;
     ensure!(
@@ -431,22 +437,7 @@ fn restart() -> anyhow::Result<()> {
         while_down >= 20,
         "only {while_down} connects were made while the agent was down"
     );
-    let adopted = tb
-        .agent()
-        .lines()
-        .into_iter()
-        .find(|l| l.contains("adopted the pinned maps"));
-    ensure!(
-        adopted
-            .as_deref()
-            .is_some_and(|l| l.contains("frontends=1")),
-        "the restarted agent should adopt the pinned frontend: {adopted:?}"
-    );
-    let synced = tb.agent().wait_for(SYNCED, 0, Duration::from_secs(1))?;
-    ensure!(
-        synced.contains("added=0 updated=0 removed=0"),
-        "the restart rewrote maps: {synced}"
-    );
+    adopted_without_writes(&mut tb)?;
     eprintln!(
         "{} connects, {while_down} while the agent was down, none failed",
         attempts.len()
@@ -473,7 +464,6 @@ fn bad_input() -> anyhow::Result<()> {
         )
         .replace("port: 80\n", "port: 70000\n"),
     )?;
-    tb.agent().wait_for(SYNCED, mark, Duration::from_secs(5))?;
     // The files may be seen in one sync or two; wait until both are reported.
     tb.agent()
         .wait_for("odd.yaml", mark, Duration::from_secs(5))?;
@@ -647,6 +637,30 @@ fn entry(service: &str, backends: &[&str]) -> (String, Vec<String>) {
     )
 }
 
+/// Waits until `list` shows the web frontend with exactly `pods` as its backends: the change is
+/// in the maps.
+fn wait_for_web(tb: &Testbed, pods: &[PodSpec], timeout: Duration) -> anyhow::Result<()> {
+    let backends: Vec<String> = pods.iter().map(|p| format!("{}:{HTTP}", p.ip)).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let wanted = entry("demo/web:http", &backends);
+    eventually(timeout, || {
+        let now = listing(tb)?;
+        Ok((now.get("10.96.0.10:80/TCP") != Some(&wanted))
+            .then(|| format!("not applied: {now:#?}")))
+    })
+}
+
+/// A restarted agent, now ready, adopted the pinned web frontend and wrote nothing to the maps.
+fn adopted_without_writes(tb: &mut Testbed) -> anyhow::Result<()> {
+    let metrics = tb.agent().metrics()?;
+    let (frontends, written) = (metrics.count("lb_frontends")?, metrics.frontend_writes()?);
+    ensure!(
+        frontends == 1 && written == [0, 0, 0],
+        "the restart rewrote maps: {frontends} frontends, added, updated, removed {written:?}"
+    );
+    Ok(())
+}
+
 /// Polls `check` until it holds, or fails with its last finding.
 fn eventually(
     timeout: Duration,
@@ -817,8 +831,7 @@ fn kube_outage() -> anyhow::Result<()> {
     api.set_down(false);
     tb.agent()
         .wait_for("watch recovered", mark, Duration::from_secs(40))?;
-    let line = tb.agent().wait_for(SYNCED, mark, Duration::from_secs(10))?;
-    ensure!(line.contains("updated=1"), "{line}");
+    wait_for_web(&tb, &pods[..2], Duration::from_secs(10))?;
     let counts = answers(&tb.probe(&tb.probe_args(web(), 100))?)?;
     ensure!(
         counts.keys().all(|p| p == "web-1" || p == "web-2"),
@@ -839,25 +852,13 @@ fn kube_restart() -> anyhow::Result<()> {
     // that partial view would leave web without backends and refuse connects.
     api.set_list_delay(ENDPOINT_SLICES, Duration::from_millis(1_500));
     tb.spawn_agent()?;
-    let health = tb.agent().health_addr()?;
-    ensure!(http_status(health, "/healthz")? == 200);
+    tb.agent().wait_live(Duration::from_secs(10))?;
     ensure!(
-        http_status(health, "/readyz")? == 503,
+        http_status(tb.agent().health_addr(), "/readyz")? == 503,
         "ready before the lists were complete"
     );
-    let synced = tb.agent().wait_for(SYNCED, 0, Duration::from_secs(20))?;
-    ensure!(
-        synced.contains("added=0 updated=0 removed=0"),
-        "the restart rewrote maps: {synced}"
-    );
-    ensure!(
-        http_status(health, "/readyz")? == 200,
-        "not ready after the initial sync"
-    );
-    let adopted = tb
-        .agent()
-        .wait_for("adopted the pinned maps", 0, Duration::from_secs(1))?;
-    ensure!(adopted.contains("frontends=1"), "{adopted}");
+    tb.agent().wait_ready(Duration::from_secs(20))?;
+    adopted_without_writes(&mut tb)?;
 
     let attempts = xtask::testbed::probe::collect(probe)?;
     let counts = answers(&attempts).context("across the restart")?;
@@ -943,6 +944,11 @@ fn drift_repair() -> anyhow::Result<()> {
         eprintln!("{line}");
     }
     ensure!(repaired.len() >= 2, "each repair is logged");
+    let counted = tb.agent().metrics()?.count("lb_drift_repairs_total")?;
+    ensure!(
+        counted >= 2,
+        "lb_drift_repairs_total is {counted} after two repairs"
+    );
     Ok(())
 }
 
@@ -983,7 +989,8 @@ fn unreadable_manifest() -> anyhow::Result<()> {
     std::os::unix::fs::symlink("/proc/self/mem", &broken)?;
 
     let agent = tb.spawn_agent()?;
-    let addr = agent.health_addr()?;
+    agent.wait_live(Duration::from_secs(10))?;
+    let addr = agent.health_addr();
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while std::time::Instant::now() < deadline {
         ensure!(http_status(addr, "/healthz")? == 200, "/healthz");

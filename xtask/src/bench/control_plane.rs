@@ -5,18 +5,15 @@
 //! port and one EndpointSlice of 10 endpoints ([`ipv4_manifests`]). The datapath's dual-stack
 //! Services (four frontends each) are timed as they are programmed (see `super::run`).
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 use xtask::testbed::{
     Testbed,
-    agent::SYNCED,
     fake_api::{ENDPOINT_SLICES, FakeApi, SERVICES},
+    metrics::Metrics,
+    probe::now_us,
 };
 
 use super::{
@@ -35,15 +32,18 @@ fn cold_start(
     cp: &mut BTreeMap<&'static str, Value>,
     [wall_key, sync_key, breakdown_key]: [&'static str; 3],
 ) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let agent = tb.start_agent()?;
-    let wall = started.elapsed();
-    let line = agent.wait_for(SYNCED, 0, Duration::from_secs(1))?;
-    cp.insert(wall_key, json!(wall.as_millis() as u64));
-    cp.insert(sync_key, json!(sync_ms(&line)));
-    cp.insert(breakdown_key, breakdown(&line));
+    let started = now_us();
+    let synced = tb.start_agent()?.metrics()?;
+    cp.insert(wall_key, json!(wall_ms(started, &synced)?));
+    cp.insert(sync_key, json!(sync_ms(&synced)?));
+    cp.insert(breakdown_key, breakdown(&synced)?);
     sleep_for_trim();
     rss_mib(tb.agent().pid())
+}
+
+/// From `started` (µs since the epoch) to the end of the agent's last sync, in milliseconds.
+pub fn wall_ms(started: u64, synced: &Metrics) -> anyhow::Result<u64> {
+    Ok(synced.last_sync_us()?.saturating_sub(started) / 1000)
 }
 
 /// Cold programming, endpoint-change latency and memory at `scale` Services.
@@ -104,20 +104,23 @@ pub fn measure(tb: &mut Testbed, scale: usize) -> anyhow::Result<BTreeMap<&'stat
         let replaced = Ipv4Addr::new(10, 244, 2, (change % 250) as u8 + 1);
         slice["endpoints"][BACKENDS as usize - 1]["addresses"] = json!([replaced.to_string()]);
         let agent = tb.agent();
-        let mark = agent.mark();
-        let pushed = day_micros(SystemTime::now());
+        let before = agent.metrics()?;
+        let pushed = now_us();
         api.push_event(
             ENDPOINT_SLICES,
             &json!({"type": "MODIFIED", "object": slice}),
         );
-        let line = agent.wait_for(SYNCED, mark, Duration::from_secs(5))?;
+        // Only the pushed event makes the agent sync: the next sync is the one that applied it.
+        let synced = agent.wait_synced(before.syncs()?, Duration::from_secs(5))?;
+        let (now, then) = (synced.frontend_writes()?, before.frontend_writes()?);
+        let written: [u64; 3] = std::array::from_fn(|i| now[i] - then[i]);
         ensure!(
-            line.contains("updated=1"),
-            "unexpected sync for a one-endpoint change: {line}"
+            written == [0, 1, 0],
+            "unexpected sync for a one-endpoint change: frontends added, updated, removed: \
+             {written:?}"
         );
-        let logged = log_day_micros(&line)?;
-        latencies.push(logged.saturating_sub(pushed) * 1000);
-        applies.push(field(&line, "apply_us")? * 1000);
+        latencies.push(synced.last_sync_us()?.saturating_sub(pushed) * 1000);
+        applies.push((synced.last_sync_ms("apply")? * 1e6).round() as u64);
         if change % 20 == 19 {
             eprint!("    {}/{CHANGES}\r", change + 1);
         }
@@ -144,54 +147,22 @@ pub fn measure(tb: &mut Testbed, scale: usize) -> anyhow::Result<BTreeMap<&'stat
     Ok(cp)
 }
 
-/// A `key=123` field of a log line.
-pub fn field(line: &str, key: &str) -> anyhow::Result<u64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {key} in {line:?}"))
+/// The last sync's time (read + model + apply), in milliseconds.
+pub fn sync_ms(synced: &Metrics) -> anyhow::Result<f64> {
+    let phases = ["read", "model", "apply"].map(|p| synced.last_sync_ms(p));
+    phases.into_iter().sum()
 }
 
-/// A sync's time (read + model + apply) from its log line, in milliseconds.
-pub fn sync_ms(line: &str) -> f64 {
-    let total: u64 = ["read_us", "model_us", "apply_us"]
-        .iter()
-        .filter_map(|k| field(line, k).ok())
-        .sum();
-    total as f64 / 1000.0
+/// The last sync's time by phase, in milliseconds.
+pub fn breakdown(synced: &Metrics) -> anyhow::Result<Value> {
+    Ok(json!({
+        "read": synced.last_sync_ms("read")?,
+        "model": synced.last_sync_ms("model")?,
+        "apply": synced.last_sync_ms("apply")?,
+    }))
 }
 
-pub fn breakdown(line: &str) -> Value {
-    let ms = |k| {
-        field(line, k)
-            .map(|us| us as f64 / 1000.0)
-            .unwrap_or(f64::NAN)
-    };
-    json!({"read": ms("read_us"), "model": ms("model_us"), "apply": ms("apply_us")})
-}
-
-/// Microseconds since midnight UTC.
-fn day_micros(t: SystemTime) -> u64 {
-    let us = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
-    us % 86_400_000_000
-}
-
-/// Microseconds since midnight UTC of a log line's timestamp (`2026-11-25T09:28:51.997077Z ...`).
-fn log_day_micros(line: &str) -> anyhow::Result<u64> {
-    let time = line
-        .split_whitespace()
-        .next()
-        .and_then(|t| t.split_once('T'))
-        .map(|(_, t)| t.trim_end_matches('Z'))
-        .with_context(|| format!("no timestamp in {line:?}"))?;
-    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
-    let parts: Vec<u64> = hms.split(':').filter_map(|p| p.parse().ok()).collect();
-    ensure!(parts.len() == 3, "bad timestamp in {line:?}");
-    let micros: u64 = format!("{fraction:0<6}")[..6].parse()?;
-    Ok(((parts[0] * 60 + parts[1]) * 60 + parts[2]) * 1_000_000 + micros)
-}
-
-/// The agent releases freed memory just after logging its sync; read RSS once it has.
+/// The agent releases freed memory just after its first sync; read RSS once it has.
 pub fn sleep_for_trim() {
     std::thread::sleep(Duration::from_millis(300));
 }

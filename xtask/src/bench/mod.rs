@@ -38,8 +38,8 @@ use anyhow::{Context as _, ensure};
 use serde_json::json;
 use xtask::testbed::{
     PodSpec, ServiceRoute, Testbed,
-    agent::SYNCED,
     cleanup::{self, Undo},
+    probe::now_us,
 };
 
 use datapath::Clients;
@@ -131,24 +131,28 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
         tb.stop_agent()?;
         tb.agent_command(&["reset"])?;
         tb.write_manifest(MANIFEST, &workload::dual_stack_manifests(scale))?;
-        let spawned = Instant::now();
+        let spawned = now_us();
         let agent = tb.spawn_agent()?;
-        let synced = agent.wait_for(SYNCED, 0, Duration::from_secs(60))?;
-        let wall = spawned.elapsed();
+        agent.wait_ready(Duration::from_secs(60))?;
+        let synced = agent.metrics()?;
         // IPv4 and IPv6, TCP and UDP.
         let frontends = 4 * scale;
+        let (programmed, failing) = (
+            synced.count("lb_frontends")?,
+            synced.count("lb_frontends_failing")?,
+        );
         ensure!(
-            synced.contains(&format!("frontends={frontends} ")) && synced.contains("failed=0 "),
-            "not all programmed: {synced}"
+            programmed == frontends as u64 && failing == 0,
+            "not all programmed: {programmed} frontends of {frontends}, {failing} failing"
         );
         control_plane::sleep_for_trim();
         report.programming.insert(
             scale,
             json!({
                 "frontends": frontends,
-                "wall_ms": wall.as_millis() as u64,
-                "sync_ms": control_plane::sync_ms(&synced),
-                "breakdown_ms": control_plane::breakdown(&synced),
+                "wall_ms": control_plane::wall_ms(spawned, &synced)?,
+                "sync_ms": control_plane::sync_ms(&synced)?,
+                "breakdown_ms": control_plane::breakdown(&synced)?,
                 "rss_mib": control_plane::rss_mib(agent.pid())?,
             }),
         );

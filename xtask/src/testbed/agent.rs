@@ -1,4 +1,5 @@
-//! lb-agent as a child process, with its log lines kept for waiting on.
+//! lb-agent as a child process: its /readyz and /metrics to wait on, and its log lines for the
+//! messages a user reads.
 
 use std::{
     ffi::OsString,
@@ -13,22 +14,25 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::cleanup::{self, Guard, Undo};
-
-/// The line the agent logs after each sync of the maps with the manifests.
-pub const SYNCED: &str = "dataplane synced";
+use super::{
+    cleanup::{self, Guard, Undo},
+    metrics::Metrics,
+};
 
 pub struct Agent {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    health: SocketAddr,
     _kill: Guard,
 }
 
 impl Agent {
-    /// Starts `lb-agent ARGS`; `echo` prefixes and prints its log lines as they come.
+    /// Starts `lb-agent ARGS`, whose `--health-addr` is `health`; `echo` prefixes and prints its
+    /// log lines as they come.
     pub fn start(
         bin: &Path,
         args: &[OsString],
+        health: SocketAddr,
         echo: Option<&'static str>,
     ) -> anyhow::Result<Self> {
         let mut child = Command::new(bin)
@@ -57,6 +61,7 @@ impl Agent {
         Ok(Self {
             child,
             lines,
+            health,
             _kill: kill,
         })
     }
@@ -128,15 +133,83 @@ impl Agent {
         bail!("lb-agent did not stop within 5s of SIGTERM")
     }
 
-    /// Where the agent serves /healthz and /readyz (from its log).
-    pub fn health_addr(&mut self) -> anyhow::Result<SocketAddr> {
-        let line = self.wait_for("serving /healthz and /readyz", 0, Duration::from_secs(10))?;
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .with_context(|| format!("no addr= in {line:?}"))?;
-        addr.parse()
-            .with_context(|| format!("bad address in {line:?}"))
+    /// Where the agent serves /healthz, /readyz and /metrics.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health
+    }
+
+    /// One scrape of /metrics.
+    pub fn metrics(&self) -> anyhow::Result<Metrics> {
+        scrape(self.health)
+    }
+
+    /// Waits for /healthz to answer 200: the agent is up, whether or not it is ready.
+    pub fn wait_live(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let addr = self.health;
+        self.poll("/healthz to answer 200", timeout, || {
+            Ok((http_status(addr, "/healthz")? == 200).then_some(()))
+        })
+    }
+
+    /// Waits for /readyz to answer 200: the initial sync is done and the maps are programmed.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let addr = self.health;
+        self.poll("/readyz to turn 200", timeout, || {
+            Ok((http_status(addr, "/readyz")? == 200).then_some(()))
+        })
+    }
+
+    /// Waits for a sync after the `after`-th (`lb_syncs_total > after`); returns the scrape that
+    /// saw it.
+    pub fn wait_synced(&mut self, after: u64, timeout: Duration) -> anyhow::Result<Metrics> {
+        self.wait_metrics(&format!("sync {}", after + 1), timeout, |m| {
+            Ok(m.syncs()? > after)
+        })
+    }
+
+    /// Scrapes /metrics until `until` holds; returns that scrape.
+    pub fn wait_metrics(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        until: impl Fn(&Metrics) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<Metrics> {
+        let addr = self.health;
+        self.poll(what, timeout, || {
+            let metrics = scrape(addr)?;
+            Ok(until(&metrics)?.then_some(metrics))
+        })
+    }
+
+    /// Calls `check` every few milliseconds until it returns a value; fails when the agent exits
+    /// or `timeout` passes. Errors (the agent not listening yet, say) count as "not yet".
+    fn poll<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check() {
+                Ok(Some(value)) => return Ok(value),
+                Ok(None) => String::new(),
+                Err(e) => format!(" (last: {e:#})"),
+            };
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "lb-agent exited ({status}) while waiting for {what}:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no {what} within {timeout:?}{last}:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -181,8 +254,21 @@ pub fn default_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent")
 }
 
+fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
+    let (status, body) = http_get(addr, "/metrics")?;
+    if status != 200 {
+        bail!("GET /metrics: {status} {body}");
+    }
+    Metrics::parse(&body)
+}
+
 /// The HTTP status of `GET path` on `addr`.
 pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    Ok(http_get(addr, path)?.0)
+}
+
+/// `GET path` on `addr`: the status and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     write!(
@@ -191,9 +277,14 @@ pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    response
+    let status = response
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .with_context(|| format!("not an HTTP response: {response:?}"))
+        .with_context(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }

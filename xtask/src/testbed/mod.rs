@@ -23,6 +23,7 @@ pub mod dns;
 pub mod dns_query;
 pub mod exec;
 pub mod fake_api;
+pub mod metrics;
 pub mod netns;
 pub mod pod;
 pub mod probe;
@@ -433,10 +434,10 @@ impl Testbed {
         Ok(())
     }
 
-    /// Starts the agent and waits for its first sync.
+    /// Starts the agent and waits until it is ready (its initial sync is done).
     pub fn start_agent(&mut self) -> anyhow::Result<&mut Agent> {
         let agent = self.spawn_agent()?;
-        agent.wait_for(agent::SYNCED, 0, Duration::from_secs(20))?;
+        agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
     }
 
@@ -461,17 +462,17 @@ impl Testbed {
                 }
             }
         }
+        let health = free_loopback_addr()?;
         args.extend([
             "--cgroup".into(),
             self.cgroup.clone().into(),
             "--pin-dir".into(),
             self.pin_dir.clone().into(),
-            // Loopback and an ephemeral port: nothing listens on the host's interfaces.
             "--health-addr".into(),
-            "127.0.0.1:0".into(),
+            health.to_string().into(),
         ]);
         args.extend(self.agent_flags.iter().map(Into::into));
-        let agent = Agent::start(&self.agent_bin, &args, self.echo_agent)?;
+        let agent = Agent::start(&self.agent_bin, &args, health, self.echo_agent)?;
         Ok(self.agent.insert(agent))
     }
 
@@ -526,6 +527,15 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         let _ = self.stop_agent();
     }
+}
+
+/// A loopback address with a port free right now, for the agent's health address: nothing
+/// listens on the host's interfaces, and the testbed knows where to scrape without reading the
+/// agent's log. (Should another process take the port first, the agent fails to start, saying
+/// so.)
+fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?)
 }
 
 /// Routes the Service CIDRs (IPv4 and IPv6) in a client namespace.

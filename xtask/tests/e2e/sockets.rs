@@ -13,12 +13,11 @@ use xtask::{
     manifests::{self, Endpoint, Port},
     testbed::{
         PodSpec, Testbed,
-        agent::SYNCED,
         probe::{self, Attempt, now_us, v4_mapped},
     },
 };
 
-use super::{HTTP, WEB_IP, all_failed_with, answers, listing, testbed, web};
+use super::{HTTP, WEB_IP, all_failed_with, answers, eventually, listing, testbed, web};
 
 pub const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const UDP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
@@ -156,7 +155,7 @@ pub fn unconnected_udp() -> anyhow::Result<()> {
 /// Sockets keep their backend while it stays in the set, even when a scale-down moves it to
 /// another slot, and move (once) when it leaves.
 pub fn udp_backend_changes() -> anyhow::Result<()> {
-    let (pods, mut tb) = dual_stack_testbed(3)?;
+    let (pods, tb) = dual_stack_testbed(3)?;
     // Enough sockets that some land on each pod: (2/3)^24 is the chance that none is on pod-1.
     const SOCKETS: usize = 24;
 
@@ -174,10 +173,18 @@ pub fn udp_backend_changes() -> anyhow::Result<()> {
 
     // pod-1 leaves: the agent moves pod-3 from the last slot into pod-1's.
     thread::sleep(Duration::from_millis(800));
-    let mark = tb.agent().mark();
     let written_at = now_us();
     tb.write_manifest("services.yaml", &manifest(&pods[1..]))?;
-    tb.agent().wait_for(SYNCED, mark, Duration::from_secs(5))?;
+    // Applied once no frontend lists pod-1 (on either family) any more.
+    let gone = [pods[0].ip.to_string(), pods[0].ip6().to_string()];
+    eventually(Duration::from_secs(5), || {
+        let now = listing(&tb)?;
+        let listed = now.values().flat_map(|(_, backends)| backends).any(|b| {
+            gone.iter()
+                .any(|ip| b.rsplit_once(':').is_some_and(|(a, _)| a == ip))
+        });
+        Ok(listed.then(|| format!("pod-1 still listed: {now:#?}")))
+    })?;
     let applied_at = now_us();
 
     let mut moved: BTreeMap<SocketAddr, usize> = BTreeMap::new();
