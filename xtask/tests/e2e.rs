@@ -18,6 +18,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use lb_agent::dataplane::{
+    MapStore as _,
+    bpf::BpfMaps,
+    plan::{FrontendKey, Write},
+    reconcile::FIRST_BACKOFF,
+};
+use lb_common::{Frontend4Key, ServiceEntry, protocol};
 use libtest_mimic::{Arguments, Trial};
 use serde_json::{Value, json};
 use xtask::{
@@ -141,6 +148,10 @@ fn main() {
         (
             "an_unreadable_manifest_keeps_readyz_at_503_and_nothing_programmed_until_it_reads",
             unreadable_manifest,
+        ),
+        (
+            "a_failed_write_is_retried_on_its_timer_and_serves_within_a_backoff_of_the_space_freeing",
+            failed_write_retried,
         ),
     ];
     let trials = tests
@@ -948,6 +959,131 @@ fn drift_repair() -> anyhow::Result<()> {
     ensure!(
         counted >= 2,
         "lb_drift_repairs_total is {counted} after two repairs"
+    );
+    Ok(())
+}
+
+const API_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+
+/// `LB4_SERVICES` filled behind the agent's back (as another program could): a new Service's
+/// write fails. It is retried on its backoff timer alone (no new event, no periodic resync), so
+/// once an entry is freed, connects reach it within one backoff; the failure and the recovery are
+/// each logged once.
+fn failed_write_retried() -> anyhow::Result<()> {
+    let pods = PodSpec::numbered("web", 2, &[HTTP]);
+    let mut tb = testbed(&pods)?;
+    tb.agent_flags(&["--resync-interval", "1h"]);
+    tb.write_manifest("web.yaml", &web_manifest(&pods[..1]))?;
+    tb.start_agent()?;
+
+    // Frontends no Service has, in 10.111.0.0/16 (inside the Service CIDR, so nothing else
+    // reaches them), until the map is full.
+    let mut maps = BpfMaps::open_pinned(tb.pin_dir())?;
+    let junk = |i: u32| {
+        let [_, _, a, b] = i.to_be_bytes();
+        FrontendKey::V4(Frontend4Key {
+            address: [10, 111, a, b],
+            port: 1,
+            protocol: protocol::TCP,
+            _pad: 0,
+        })
+    };
+    let refuse = ServiceEntry {
+        service_id: u32::MAX,
+        backend_count: 0,
+        flags: 0,
+    };
+    let mut filled = 0;
+    loop {
+        match maps.write(&Write::PutService(junk(filled), refuse)) {
+            Ok(()) => filled += 1,
+            Err(e) if e.to_string().contains("is full") => break,
+            Err(e) => return Err(e),
+        }
+        ensure!(
+            filled <= lb_common::MAX_SERVICES,
+            "LB4_SERVICES never filled up"
+        );
+    }
+
+    let api = SocketAddr::from((API_IP, 80));
+    tb.write_manifest(
+        "api.yaml",
+        &manifests::documents(&[
+            manifests::service("demo", "api", API_IP, &[Port::tcp("http", 80, "http")]),
+            manifests::endpoint_slice(
+                "demo",
+                "api-1",
+                "api",
+                &[("http", HTTP, "TCP")],
+                &[Endpoint::ready(pods[1].ip, &pods[1].name)],
+            ),
+        ]),
+    )?;
+    // The sync's attempt fails, and so does the first retry on the timer.
+    let failing = tb
+        .agent()
+        .wait_metrics("two failed writes", Duration::from_secs(5), |m| {
+            Ok(m.count("lb_write_failures_total")? >= 2)
+        })?;
+    ensure!(failing.count("lb_frontends_failing")? == 1, "{failing:?}");
+
+    let mut args = tb.probe_args(api, 100_000);
+    args.duration_ms = Some(3_000);
+    args.interval_ms = 5;
+    let probe = tb.spawn_probe(&args)?;
+    thread::sleep(Duration::from_millis(200));
+    maps.write(&Write::DeleteService(junk(0)))?;
+    let freed_at = now_us();
+    let attempts = xtask::testbed::probe::collect(probe)?;
+    let now = tb.agent().metrics()?;
+    // Every failed attempt started before the space was freed, and the retry after the n-th
+    // comes one backoff later (500 ms, doubling): so within that of the freeing.
+    let failures = now.count("lb_write_failures_total")?;
+    let backoff = FIRST_BACKOFF * 2u32.pow(failures.saturating_sub(1) as u32);
+
+    let before: Vec<&Attempt> = attempts.iter().filter(|a| a.at_us < freed_at).collect();
+    ensure!(
+        !before.is_empty()
+            && before
+                .iter()
+                .all(|a| a.error.as_deref() == Some("EHOSTUNREACH")),
+        "connects to the failing frontend were translated while its map was full: {before:?}"
+    );
+    let first = attempts
+        .iter()
+        .position(|a| a.answer.is_some())
+        .context("the frontend was never programmed")?;
+    let after_ms = attempts[first].at_us.saturating_sub(freed_at) / 1000;
+    eprintln!("translated {after_ms} ms after the space was freed ({failures} failed attempts)");
+    ensure!(
+        Duration::from_millis(after_ms) <= backoff + Duration::from_millis(300),
+        "translated {after_ms} ms after the space was freed; the retry was due within {backoff:?}"
+    );
+    let counts = answers(&attempts[first..]).context("once programmed")?;
+    ensure!(counts.keys().eq(["web-2"]), "{counts:?}");
+
+    // The first attempt was the sync's; every later one, the successful one included, came from
+    // the retry timer.
+    let retried = now.count("lb_write_retries_total")?;
+    ensure!(
+        retried == failures,
+        "{failures} failed attempts, then one that worked: {failures} retries, but {retried} \
+         came from the timer"
+    );
+    ensure!(now.count("lb_write_recoveries_total")? == 1, "{now:?}");
+    ensure!(now.count("lb_frontends_failing")? == 0, "{now:?}");
+    let lines = tb.agent().lines();
+    let logged = |what: &str| {
+        lines
+            .iter()
+            .filter(|l| l.contains(what) && l.contains("10.96.0.40:80/TCP"))
+            .count()
+    };
+    ensure!(
+        logged("not programmed") == 1 && logged("recovered") == 1,
+        "the failure and the recovery are each logged once:\n{}",
+        lines.join("\n")
     );
     Ok(())
 }
