@@ -33,10 +33,18 @@ pub enum Event {
     UpsertSlice(SliceInput),
     /// Namespace and name of a slice that is gone.
     DeleteSlice(String, String),
-    /// A complete list: these are all the Services.
-    ReplaceServices(Vec<ServiceInput>),
-    /// A complete list: these are all the EndpointSlices.
-    ReplaceSlices(Vec<SliceInput>),
+    /// A complete list: these are all the Services, except that those in `unreadable` (listed,
+    /// but not in a form the model can read) keep whatever version the model has of them.
+    ReplaceServices {
+        all: Vec<ServiceInput>,
+        unreadable: Vec<ServiceKey>,
+    },
+    /// A complete list: these are all the EndpointSlices, except that those in `unreadable`
+    /// (namespace and name) keep whatever version the model has of them.
+    ReplaceSlices {
+        all: Vec<SliceInput>,
+        unreadable: Vec<(String, String)>,
+    },
     /// This node's zone (its Node's `topology.kubernetes.io/zone`), or none.
     NodeZone(Option<String>),
 }
@@ -177,8 +185,8 @@ impl Cluster {
             Event::DeleteService(key) => self.delete_service(&key.namespace, &key.name),
             Event::UpsertSlice(slice) => self.upsert_slice(slice),
             Event::DeleteSlice(namespace, name) => self.delete_slice(&namespace, &name),
-            Event::ReplaceServices(all) => self.replace_services(all),
-            Event::ReplaceSlices(all) => self.replace_slices(all),
+            Event::ReplaceServices { all, unreadable } => self.replace_services(all, &unreadable),
+            Event::ReplaceSlices { all, unreadable } => self.replace_slices(all, &unreadable),
             Event::NodeZone(zone) => {
                 let mut node = self.node.clone();
                 node.zone = zone;
@@ -188,8 +196,10 @@ impl Cluster {
     }
 
     /// Replaces all Services with `services` (after a full list), marking only what changed.
-    pub fn replace_services(&mut self, services: Vec<ServiceInput>) {
-        let keep: BTreeSet<&ServiceKey> = services.iter().map(|s| &s.key).collect();
+    /// Those in `unreadable` were listed but could not be read: they stay as they are.
+    pub fn replace_services(&mut self, services: Vec<ServiceInput>, unreadable: &[ServiceKey]) {
+        let keep: BTreeSet<&ServiceKey> =
+            services.iter().map(|s| &s.key).chain(unreadable).collect();
         let gone: Vec<ServiceKey> = self
             .services
             .keys()
@@ -205,10 +215,13 @@ impl Cluster {
     }
 
     /// Replaces all EndpointSlices with `slices` (after a full list), marking only what changed.
-    pub fn replace_slices(&mut self, slices: Vec<SliceInput>) {
+    /// Those in `unreadable` (namespace, name) were listed but could not be read: they stay as
+    /// they are.
+    pub fn replace_slices(&mut self, slices: Vec<SliceInput>, unreadable: &[(String, String)]) {
         let keep: BTreeSet<(&str, &str)> = slices
             .iter()
             .map(|s| (s.namespace.as_str(), s.name.as_str()))
+            .chain(unreadable.iter().map(|(ns, n)| (ns.as_str(), n.as_str())))
             .collect();
         let gone: Vec<(String, String)> = self
             .slices
@@ -474,14 +487,17 @@ mod tests {
     #[test]
     fn replacing_after_a_relist_deletes_what_is_gone_and_keeps_the_rest_untouched() {
         let mut c = Cluster::new(NodeContext::default());
-        c.replace_services(vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")]);
-        c.replace_slices(vec![
-            slice("a-1", "a", &["10.0.0.1"]),
-            slice("b-1", "b", &["10.0.0.2"]),
-        ]);
+        c.replace_services(vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")], &[]);
+        c.replace_slices(
+            vec![
+                slice("a-1", "a", &["10.0.0.1"]),
+                slice("b-1", "b", &["10.0.0.2"]),
+            ],
+            &[],
+        );
         c.sync();
-        c.replace_services(vec![svc("a", "10.96.0.1")]);
-        c.replace_slices(vec![slice("a-1", "a", &["10.0.0.1"])]);
+        c.replace_services(vec![svc("a", "10.96.0.1")], &[]);
+        c.replace_slices(vec![slice("a-1", "a", &["10.0.0.1"])], &[]);
         let sync = c.sync();
         assert_eq!(sync.services, 1, "only b, which is gone");
         assert_eq!(sync.changed.len(), 1);

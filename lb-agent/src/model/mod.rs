@@ -235,8 +235,8 @@ fn translate_inputs(
     node: &NodeContext,
 ) -> Translation {
     let mut cluster = Cluster::new(node.clone());
-    cluster.replace_services(services);
-    cluster.replace_slices(slices);
+    cluster.replace_services(services, &[]);
+    cluster.replace_slices(slices, &[]);
     let problems = cluster.sync().problems;
     Translation {
         state: cluster.state(),

@@ -4,26 +4,34 @@
 //! the backoff; this module only turns their events into model changes. A (re-)list is buffered
 //! until it is complete, then replaces that kind's objects in one step, so the model never sees a
 //! partial view.
+//!
+//! Objects are received as [`Lenient`]: one that does not deserialize into its k8s-openapi type (a
+//! field of the wrong type) is reported with its name and field and not used, so that it neither
+//! fails the whole list or watch it came in nor takes away the version the model already has.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{borrow::Cow, collections::BTreeSet, path::Path};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _, stream::BoxStream};
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
-    Api, Client, Config, ResourceExt,
+    Api, Client, Config, Resource, ResourceExt,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::Batch;
-use crate::model::{Event, ServiceInput, ServiceKey, SliceInput};
+use crate::model::{Event, ObjectRef, Problem, ServiceInput, ServiceKey, SliceInput};
 
 /// Label of a Node's zone, used for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -52,6 +60,103 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Client::try_from(config).context("creating the Kubernetes client")
 }
 
+/// An object as a list or watch delivers it: its k8s-openapi type, or, when it does not
+/// deserialize into that type, its metadata and the problem (field and message). kube-client
+/// deserializes a whole list page, or a watch event, at once: with the type itself, one malformed
+/// object would fail the list (and so the initial sync, forever) or drop the event without a word
+/// about which object it was.
+#[derive(Clone, Debug)]
+pub enum Lenient<K> {
+    Typed(K),
+    Malformed(Box<Malformed>),
+}
+
+/// An object that did not deserialize: what the watcher needs of its metadata (name, namespace,
+/// resourceVersion), and where and why it failed.
+#[derive(Clone, Debug)]
+pub struct Malformed {
+    pub metadata: ObjectMeta,
+    /// Path of the offending field, as in `kubectl explain` (`spec.ports[0].port`).
+    pub field: String,
+    pub message: String,
+}
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Through a JSON value, the one form that can be read a second time: once as `K`, and,
+        // if that fails, once more for the metadata that names the object.
+        let value = serde_json::Value::deserialize(deserializer)?;
+        match serde_path_to_error::deserialize::<_, K>(&value) {
+            Ok(object) => Ok(Self::Typed(object)),
+            Err(e) => {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                let text = |field: &str| value["metadata"][field].as_str().map(str::to_owned);
+                let metadata = ObjectMeta {
+                    name: text("name"),
+                    namespace: text("namespace"),
+                    resource_version: text("resourceVersion"),
+                    uid: text("uid"),
+                    ..Default::default()
+                };
+                let (field, message) = field_and_message(&path, message);
+                Ok(Self::Malformed(Box::new(Malformed {
+                    metadata,
+                    field,
+                    message,
+                })))
+            }
+        }
+    }
+}
+
+/// The field a deserialization error is about (`.` is the object itself), and what is wrong.
+fn field_and_message(path: &str, message: String) -> (String, String) {
+    match path {
+        "." => ("(the object)".to_owned(), message),
+        _ => (path.to_owned(), message),
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Resource for Lenient<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+
+    fn api_version(dt: &()) -> Cow<'_, str> {
+        K::api_version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Self::Typed(object) => object.meta(),
+            Self::Malformed(m) => &m.metadata,
+        }
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Self::Typed(object) => object.meta_mut(),
+            Self::Malformed(m) => &mut m.metadata,
+        }
+    }
+}
+
 /// Which watch an event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -72,9 +177,9 @@ impl Kind {
 
 /// One watch event (boxed: the objects are large and of very different sizes).
 pub enum Change {
-    Services(Box<watcher::Event<Service>>),
-    EndpointSlices(Box<watcher::Event<EndpointSlice>>),
-    Node(Box<watcher::Event<Node>>),
+    Services(Box<watcher::Event<Lenient<Service>>>),
+    EndpointSlices(Box<watcher::Event<Lenient<EndpointSlice>>>),
+    Node(Box<watcher::Event<Lenient<Node>>>),
 }
 
 /// One item of the merged watch streams.
@@ -86,7 +191,7 @@ pub struct Update {
 /// All watches, merged: Services and EndpointSlices of every namespace, and this node's Node.
 pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Update> {
     let services = watch_kind(
-        Api::<Service>::all(client.clone()),
+        Api::<Lenient<Service>>::all(client.clone()),
         watcher::Config::default(),
     )
     .map(|r| Update {
@@ -94,7 +199,7 @@ pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Upda
         change: r.map(|e| Change::Services(Box::new(e))),
     });
     let slices = watch_kind(
-        Api::<EndpointSlice>::all(client.clone()),
+        Api::<Lenient<EndpointSlice>>::all(client.clone()),
         watcher::Config::default(),
     )
     .map(|r| Update {
@@ -104,7 +209,7 @@ pub fn watch(client: Client, node_name: Option<&str>) -> BoxStream<'static, Upda
     let mut streams: Vec<BoxStream<'static, Update>> = vec![services.boxed(), slices.boxed()];
     if let Some(name) = node_name {
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let node = watch_kind(Api::<Node>::all(client), config).map(|r| Update {
+        let node = watch_kind(Api::<Lenient<Node>>::all(client), config).map(|r| Update {
             kind: Kind::Node,
             change: r.map(|e| Change::Node(Box::new(e))),
         });
@@ -129,6 +234,8 @@ where
 struct Listing<I> {
     synced: bool,
     buffer: Option<Vec<I>>,
+    /// Namespace and name of the objects of the list in progress that could not be read.
+    unreadable: Vec<(String, String)>,
 }
 
 impl<I> Default for Listing<I> {
@@ -136,47 +243,93 @@ impl<I> Default for Listing<I> {
         Self {
             synced: false,
             buffer: None,
+            unreadable: Vec::new(),
         }
     }
 }
 
 /// What a watch event means for the model.
 enum Feed<I> {
-    /// Part of a list still coming in, or an object the model cannot refer to.
+    /// Part of a list still coming in, or an object the model cannot use.
     Pending,
-    /// A list is complete: these are all the objects.
-    Replace(Vec<I>),
+    /// A list is complete: these are all the objects, and (namespace, name) of those listed but
+    /// unreadable, which keep the version the model has.
+    Replace(Vec<I>, Vec<(String, String)>),
     Upsert(I),
     /// Namespace and name of an object that is gone.
     Delete(String, String),
 }
 
 impl<I> Listing<I> {
-    /// Turns a watch event into a model change, parsing objects as they arrive.
-    fn feed<K: ResourceExt>(
+    /// Turns a watch event into a model change, parsing objects as they arrive. An object that
+    /// does not deserialize goes to `problems` and changes nothing.
+    fn feed<K: Resource<DynamicType = ()>>(
         &mut self,
-        event: watcher::Event<K>,
+        event: watcher::Event<Lenient<K>>,
         parse: fn(&K) -> Option<I>,
+        problems: &mut Vec<Problem>,
     ) -> Feed<I> {
+        let mut typed = |object: Lenient<K>| match object {
+            Lenient::Typed(object) => Ok(object),
+            Lenient::Malformed(m) => {
+                let object = ObjectRef {
+                    kind: kind_of::<K>(),
+                    namespace: m.metadata.namespace.clone().unwrap_or_default(),
+                    name: m.metadata.name.clone().unwrap_or_default(),
+                };
+                let id = (object.namespace.clone(), object.name.clone());
+                problems.push(Problem::new(
+                    object,
+                    m.field,
+                    format!(
+                        "{}; this version is not used (the one in use before, if any, stays)",
+                        m.message
+                    ),
+                ));
+                Err(id)
+            }
+        };
         match event {
             watcher::Event::Init => {
                 self.buffer = Some(Vec::new());
+                self.unreadable.clear();
                 Feed::Pending
             }
             watcher::Event::InitApply(object) => {
-                let buffer = self.buffer.get_or_insert_with(Vec::new);
-                buffer.extend(parse(&object));
+                match typed(object) {
+                    Ok(object) => {
+                        let buffer = self.buffer.get_or_insert_with(Vec::new);
+                        buffer.extend(parse(&object));
+                    }
+                    Err(id) => self.unreadable.push(id),
+                }
                 Feed::Pending
             }
             watcher::Event::InitDone => {
                 self.synced = true;
-                Feed::Replace(self.buffer.take().unwrap_or_default())
+                Feed::Replace(
+                    self.buffer.take().unwrap_or_default(),
+                    std::mem::take(&mut self.unreadable),
+                )
             }
-            watcher::Event::Apply(object) => parse(&object).map_or(Feed::Pending, Feed::Upsert),
+            watcher::Event::Apply(object) => match typed(object) {
+                Ok(object) => parse(&object).map_or(Feed::Pending, Feed::Upsert),
+                Err(_) => Feed::Pending,
+            },
             watcher::Event::Delete(object) => {
                 Feed::Delete(object.namespace().unwrap_or_default(), object.name_any())
             }
         }
+    }
+}
+
+/// The kind of `K`, as problems name it.
+fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Service" => "Service",
+        "EndpointSlice" => "EndpointSlice",
+        "Node" => "Node",
+        _ => "object",
     }
 }
 
@@ -187,6 +340,8 @@ pub struct KubeFeed {
     slices: Listing<SliceInput>,
     /// The node's zone label.
     node: Listing<Option<String>>,
+    /// Objects that could not be read, since the last [`take_problems`](Self::take_problems).
+    problems: Vec<Problem>,
 }
 
 impl KubeFeed {
@@ -197,9 +352,15 @@ impl KubeFeed {
             slices: Listing::default(),
             node: Listing {
                 synced: !watches_node,
-                buffer: None,
+                ..Default::default()
             },
+            problems: Vec::new(),
         }
+    }
+
+    /// The objects that could not be read since the last call: each names the object and field.
+    pub fn take_problems(&mut self) -> Vec<Problem> {
+        std::mem::take(&mut self.problems)
     }
 
     /// Whether every watch has completed its initial list, so the model holds a full view.
@@ -207,31 +368,55 @@ impl KubeFeed {
         self.services.synced && self.slices.synced && self.node.synced
     }
 
-    /// The model event a watch event makes, if any.
+    /// The model event a watch event makes, if any. Objects that cannot be read make none, and
+    /// are reported through [`take_problems`](Self::take_problems).
     pub fn feed(&mut self, change: Change) -> Option<Event> {
+        let problems = &mut self.problems;
         match change {
-            Change::Services(event) => match self.services.feed(*event, ServiceInput::parse) {
-                Feed::Replace(all) => Some(Event::ReplaceServices(all)),
-                Feed::Upsert(svc) => Some(Event::UpsertService(svc)),
-                Feed::Delete(namespace, name) => {
-                    Some(Event::DeleteService(ServiceKey { namespace, name }))
+            Change::Services(event) => {
+                match self.services.feed(*event, ServiceInput::parse, problems) {
+                    Feed::Replace(all, unreadable) => Some(Event::ReplaceServices {
+                        all,
+                        unreadable: unreadable
+                            .into_iter()
+                            .map(|(namespace, name)| ServiceKey { namespace, name })
+                            .collect(),
+                    }),
+                    Feed::Upsert(svc) => Some(Event::UpsertService(svc)),
+                    Feed::Delete(namespace, name) => {
+                        Some(Event::DeleteService(ServiceKey { namespace, name }))
+                    }
+                    Feed::Pending => None,
                 }
-                Feed::Pending => None,
-            },
-            Change::EndpointSlices(event) => match self.slices.feed(*event, SliceInput::parse) {
-                Feed::Replace(all) => Some(Event::ReplaceSlices(all)),
-                Feed::Upsert(slice) => Some(Event::UpsertSlice(slice)),
-                Feed::Delete(namespace, name) => Some(Event::DeleteSlice(namespace, name)),
-                Feed::Pending => None,
-            },
+            }
+            Change::EndpointSlices(event) => {
+                match self.slices.feed(*event, SliceInput::parse, problems) {
+                    Feed::Replace(all, unreadable) => {
+                        Some(Event::ReplaceSlices { all, unreadable })
+                    }
+                    Feed::Upsert(slice) => Some(Event::UpsertSlice(slice)),
+                    Feed::Delete(namespace, name) => Some(Event::DeleteSlice(namespace, name)),
+                    Feed::Pending => None,
+                }
+            }
             Change::Node(event) => {
                 // Watched by name: a list holds this node or nothing.
-                let zone = match self.node.feed(*event, |node: &Node| Some(node_zone(node))) {
-                    Feed::Replace(mut all) => all.pop().flatten(),
-                    Feed::Upsert(zone) => zone,
-                    Feed::Delete(..) => None,
-                    Feed::Pending => return None,
-                };
+                let zone =
+                    match self
+                        .node
+                        .feed(*event, |node: &Node| Some(node_zone(node)), problems)
+                    {
+                        // An unreadable Node keeps the zone the model has.
+                        Feed::Replace(all, unreadable)
+                            if all.is_empty() && !unreadable.is_empty() =>
+                        {
+                            return None;
+                        }
+                        Feed::Replace(mut all, _) => all.pop().flatten(),
+                        Feed::Upsert(zone) => zone,
+                        Feed::Delete(..) => None,
+                        Feed::Pending => return None,
+                    };
                 Some(Event::NodeZone(zone))
             }
         }
@@ -251,7 +436,11 @@ pub async fn follow(client: Client, node_name: Option<String>, tx: mpsc::Sender<
                 if failing.remove(&update.kind) {
                     info!(kind = update.kind.as_str(), "watch recovered");
                 }
-                feed.feed(change)
+                let event = feed.feed(change);
+                for problem in feed.take_problems() {
+                    warn!("{problem}");
+                }
+                event
             }
             Err(e) => {
                 if failing.insert(update.kind) {
@@ -281,4 +470,118 @@ pub async fn follow(client: Client, node_name: Option<String>, tx: mpsc::Sender<
         }
     }
     error!("the Kubernetes watches ended unexpectedly");
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::{ObjectList, WatchEvent};
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{Cluster, NodeContext};
+
+    fn service(name: &str, port: serde_json::Value) -> serde_json::Value {
+        json!({
+            "metadata": {"name": name, "namespace": "shop", "resourceVersion": "7"},
+            "spec": {"clusterIP": format!("10.96.0.{}", name.len()), "ports": [{"port": port}]},
+        })
+    }
+
+    /// A list page as kube-client reads it: one malformed item among good ones.
+    fn list(items: Vec<serde_json::Value>) -> Vec<Lenient<Service>> {
+        let text = json!({"metadata": {"resourceVersion": "9"}, "items": items}).to_string();
+        serde_json::from_str::<ObjectList<Lenient<Service>>>(&text)
+            .expect("one malformed item must not fail the list")
+            .items
+    }
+
+    fn relist(feed: &mut KubeFeed, items: Vec<Lenient<Service>>) -> Option<Event> {
+        feed.feed(Change::Services(Box::new(watcher::Event::Init)));
+        for item in items {
+            feed.feed(Change::Services(Box::new(watcher::Event::InitApply(item))));
+        }
+        feed.feed(Change::Services(Box::new(watcher::Event::InitDone)))
+    }
+
+    fn ports(cluster: &Cluster) -> Vec<String> {
+        let state = cluster.state();
+        state.frontends.keys().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_malformed_object_is_named_with_its_field_and_takes_nothing_away() {
+        let mut feed = KubeFeed::new(false);
+        let mut cluster = Cluster::new(NodeContext::default());
+        let first = relist(
+            &mut feed,
+            list(vec![service("a", json!(80)), service("web", json!(80))]),
+        );
+        cluster.apply(first.unwrap());
+        cluster.sync();
+        assert_eq!(ports(&cluster), ["10.96.0.1:80/TCP", "10.96.0.3:80/TCP"]);
+
+        // web turns malformed in a watch event: reported by name and field, and nothing changes.
+        let line = json!({"type": "MODIFIED", "object": service("web", json!("eighty"))});
+        let event: WatchEvent<Lenient<Service>> = serde_json::from_str(&line.to_string()).unwrap();
+        let WatchEvent::Modified(object) = event else {
+            panic!("not a MODIFIED event")
+        };
+        let change = Change::Services(Box::new(watcher::Event::Apply(object)));
+        assert!(feed.feed(change).is_none());
+        let problems: Vec<String> = feed
+            .take_problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "Service shop/web: spec.ports[0].port: invalid type: string \"eighty\""
+            ),
+            "{problems:?}"
+        );
+
+        // A re-list with web still malformed and a gone: web keeps its version, a goes.
+        let event = relist(&mut feed, list(vec![service("web", json!("eighty"))])).unwrap();
+        assert_eq!(feed.take_problems().len(), 1);
+        cluster.apply(event);
+        cluster.sync();
+        assert_eq!(ports(&cluster), ["10.96.0.3:80/TCP"]);
+    }
+
+    #[test]
+    fn malformed_metadata_still_names_the_object() {
+        let mut object = service("web", json!(80));
+        object["metadata"]["labels"] = json!(["not", "a", "map"]);
+        let item = list(vec![object]).pop().unwrap();
+        let Lenient::Malformed(m) = item else {
+            panic!("labels given as a list deserialized")
+        };
+        assert_eq!(
+            (m.field.as_str(), m.metadata.name.as_deref()),
+            ("metadata.labels", Some("web"))
+        );
+        assert_eq!(m.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(m.metadata.resource_version.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn an_unreadable_node_keeps_the_zone() {
+        let mut feed = KubeFeed::new(true);
+        let node = |labels: serde_json::Value| -> Lenient<Node> {
+            serde_json::from_value(json!({"metadata": {"name": "n", "labels": labels}})).unwrap()
+        };
+        let apply = |feed: &mut KubeFeed, node| {
+            feed.feed(Change::Node(Box::new(watcher::Event::Apply(node))))
+        };
+        let zone = apply(&mut feed, node(json!({ZONE_LABEL: "z1"})));
+        assert_eq!(zone, Some(Event::NodeZone(Some("z1".into()))));
+        assert_eq!(apply(&mut feed, node(json!({ZONE_LABEL: 1}))), None);
+        let problems = feed.take_problems();
+        assert_eq!(
+            problems[0].field,
+            format!("metadata.labels.{ZONE_LABEL}"),
+            "{problems:?}"
+        );
+    }
 }
