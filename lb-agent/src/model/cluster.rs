@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     DesiredFrontends, DesiredState, Frontend, FrontendState, NodeContext, ObjectRef, Problem,
-    ServicePortName,
+    SERVICE_NAME_LABEL, ServicePortName,
     endpoints::{ServiceEndpoints, SliceInput},
     service::ServiceInput,
 };
@@ -76,6 +76,9 @@ pub struct Cluster {
     /// Which Services claim a frontend, sorted; the first in namespace/name order owns it.
     claims: BTreeMap<Frontend, Vec<ServiceKey>>,
     dirty: BTreeSet<ServiceKey>,
+    /// Slices added or changed since the last sync that name a Service: reported at the sync if
+    /// that Service does not exist.
+    fresh_slices: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -156,6 +159,7 @@ impl Cluster {
                 &id.1,
             );
             self.dirty.insert(owner.clone());
+            self.fresh_slices.push(id.clone());
         }
         self.slices.insert(id, input);
     }
@@ -244,6 +248,7 @@ impl Cluster {
             services: dirty.len(),
             ..Default::default()
         };
+        self.report_orphans(&mut out.problems);
 
         // The dirty Services' new results, computed before anything changes.
         let results: Vec<(ServiceKey, Option<Results>)> = dirty
@@ -315,6 +320,55 @@ impl Cluster {
         out
     }
 
+    /// Reports the slices added or changed since the last sync whose Service does not exist: their
+    /// endpoints serve nothing (a slice serves the Service of its own namespace only), and their
+    /// own problems would otherwise go unreported until it does. A slice that outlives its
+    /// Service unchanged is not reported: the API deletes it moments later.
+    fn report_orphans(&mut self, problems: &mut Vec<Problem>) {
+        for id in std::mem::take(&mut self.fresh_slices) {
+            let Some(slice) = self.slices.get(&id) else {
+                continue;
+            };
+            let Some(owner) = slice.owner.as_ref() else {
+                continue;
+            };
+            if self.services.contains_key(owner) {
+                continue;
+            }
+            let message = if owner.name.is_empty() {
+                "empty: the slice belongs to no Service".to_owned()
+            } else {
+                let elsewhere: Vec<&str> = self
+                    .services
+                    .keys()
+                    .filter(|k| k.name == owner.name)
+                    .map(|k| k.namespace.as_str())
+                    .collect();
+                let mut message = format!(
+                    "no Service {}/{}; its endpoints are not used until there is one",
+                    owner.namespace, owner.name
+                );
+                if !elsewhere.is_empty() {
+                    message.push_str(&format!(
+                        " (a slice serves the Service of its own namespace; there is one in {})",
+                        elsewhere.join(", ")
+                    ));
+                }
+                message
+            };
+            problems.push(Problem::new(
+                ObjectRef {
+                    kind: "EndpointSlice",
+                    namespace: id.0.clone(),
+                    name: id.1.clone(),
+                },
+                format!("metadata.labels.{SERVICE_NAME_LABEL}"),
+                message,
+            ));
+            problems.extend_from_slice(slice.problems());
+        }
+    }
+
     /// A frontend's programming: its owner's result for it.
     fn output(&self, frontend: &Frontend) -> Option<&FrontendState> {
         let owner = self.claims.get(frontend)?.first()?;
@@ -340,6 +394,34 @@ impl Cluster {
         let Some(service) = svc.frontends() else {
             return frontends;
         };
+        // A ClusterIP of a family that no slice has, while the other family's slices list
+        // endpoints (a ClusterIP that changed family, an IPv6 Service over IPv4 slices): its
+        // connects are refused, and the Service should say why.
+        let addresses = service.ports.first().map(|p| p.frontends.as_slice());
+        for (i, frontend) in addresses.unwrap_or_default().iter().enumerate() {
+            let ipv6 = frontend.address.is_ipv6();
+            let family = |ipv6: bool| if ipv6 { "IPv6" } else { "IPv4" };
+            if endpoints.family(ipv6).0 || !endpoints.family(!ipv6).1 {
+                continue;
+            }
+            problems.push(Problem::new(
+                ObjectRef {
+                    kind: "Service",
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                },
+                match i {
+                    0 => "spec.clusterIP".to_owned(),
+                    i => format!("spec.clusterIPs[{i}]"),
+                },
+                format!(
+                    "{} is {}, but the Service's EndpointSlices are {}: its connects are refused",
+                    frontend.address,
+                    family(ipv6),
+                    family(!ipv6)
+                ),
+            ));
+        }
         for port in &service.ports {
             let name = ServicePortName {
                 namespace: key.namespace.clone(),
@@ -502,6 +584,39 @@ mod tests {
         assert_eq!(sync.services, 1, "only b, which is gone");
         assert_eq!(sync.changed.len(), 1);
         assert_eq!(c.state().frontends.len(), 1);
+    }
+
+    #[test]
+    fn a_slice_without_its_service_is_reported_when_it_changes_not_when_its_service_goes() {
+        let orphans = |sync: &Sync| -> Vec<String> {
+            sync.problems
+                .iter()
+                .map(|p| format!("{}: {}", p.object, p.message))
+                .collect()
+        };
+        let mut c = Cluster::new(NodeContext::default());
+        c.upsert_slice(slice("b-1", "b", &["10.0.0.1"]));
+        c.upsert_service(svc("a", "10.96.0.1"));
+        let sync = c.sync();
+        assert_eq!(
+            orphans(&sync),
+            [
+                "EndpointSlice ns/b-1: no Service ns/b; its endpoints are not used until there is one"
+            ]
+        );
+        assert!(c.sync().problems.is_empty(), "reported once");
+
+        // Its Service arrives: served, nothing to report.
+        c.upsert_service(svc("b", "10.96.0.2"));
+        assert!(c.sync().problems.is_empty());
+        assert_eq!(backends(&c, "10.96.0.2"), ["10.0.0.1"]);
+
+        // Its Service goes, the slice stays a moment (the API deletes it next): not reported.
+        c.delete_service("ns", "b");
+        assert!(c.sync().problems.is_empty());
+        // But a change to the slice while its Service is missing is.
+        c.upsert_slice(slice("b-1", "b", &["10.0.0.2"]));
+        assert_eq!(c.sync().problems.len(), 1);
     }
 
     #[test]

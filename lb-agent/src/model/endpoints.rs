@@ -55,6 +55,11 @@ impl SliceInput {
             problems,
         })
     }
+
+    /// What could not be used, to report whenever its Service is recomputed.
+    pub(super) fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
 }
 
 /// The usable content of a Service's slices, in slice-name order.
@@ -105,6 +110,13 @@ impl<'a> ServiceEndpoints<'a> {
             })
             .collect();
         Self { slices }
+    }
+
+    /// Whether a usable slice of this family exists (`ipv6`), and whether one lists endpoints.
+    pub(super) fn family(&self, ipv6: bool) -> (bool, bool) {
+        let mut of_family = self.slices.iter().filter(|s| s.ipv6 == ipv6).peekable();
+        let any = of_family.peek().is_some();
+        (any, of_family.any(|s| !s.endpoints.is_empty()))
     }
 
     /// The backends for one frontend of `port`: endpoints of the frontend's IP family, at the
@@ -218,8 +230,23 @@ impl Slice {
                     continue;
                 }
             };
+            let name = port.name.clone().unwrap_or_default();
+            // A Service port takes the first slice port of its name and protocol; a second one
+            // would never be used.
+            if let Some(first) = ports
+                .iter()
+                .position(|p: &SlicePort| p.name == name && p.protocol == protocol)
+            {
+                problem(
+                    format!("ports[{i}]"),
+                    format!(
+                        "port {name:?}/{protocol} is listed twice; using the first (ports[{first}])"
+                    ),
+                );
+                continue;
+            }
             ports.push(SlicePort {
-                name: port.name.clone().unwrap_or_default(),
+                name,
                 protocol,
                 port: number,
             });

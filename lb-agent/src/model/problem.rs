@@ -35,8 +35,12 @@ impl ObjectRef {
 }
 
 impl fmt::Display for ObjectRef {
+    /// `Service shop/web`; a cluster-scoped object (a Node) without the slash: `Node node-a`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        match self.kind {
+            "Node" => write!(f, "{} {}", self.kind, self.name),
+            _ => write!(f, "{} {}/{}", self.kind, self.namespace, self.name),
+        }
     }
 }
 
@@ -62,5 +66,19 @@ impl Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}: {}", self.object, self.field, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_are_named_as_kubectl_names_them() {
+        let name = |kind, namespace: &str| {
+            ObjectRef::new(kind, &Some(namespace.to_owned()), &Some("a".to_owned())).to_string()
+        };
+        assert_eq!(name("Service", "shop"), "Service shop/a");
+        assert_eq!(name("Node", ""), "Node a", "a Node has no namespace");
     }
 }

@@ -177,9 +177,18 @@ fn parse_frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<Service
                 .collect(),
         });
     }
-    let policy = Policy {
-        local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+    let local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            problem(
+                "spec.internalTrafficPolicy".into(),
+                format!("{other:?} is not a policy; expected Cluster or Local; using Cluster"),
+            );
+            false
+        }
     };
+    let policy = Policy { local };
     Some(ServiceFrontends { policy, ports: out })
 }
 
