@@ -47,6 +47,8 @@ fn web() -> SocketAddr {
 }
 
 // Beside this file rather than in tests/, where cargo would take them for test targets.
+#[path = "e2e/bad_input.rs"]
+mod bad_input;
 #[path = "e2e/dns.rs"]
 mod dns;
 #[path = "e2e/sockets.rs"]
@@ -152,6 +154,10 @@ fn main() {
         (
             "a_failed_write_is_retried_on_its_timer_and_serves_within_a_backoff_of_the_space_freeing",
             failed_write_retried,
+        ),
+        (
+            "bad_input_corpus_all_at_once_through_both_sources_names_each_error_and_moves_no_other_frontend",
+            bad_input::corpus,
         ),
     ];
     let trials = tests
