@@ -249,6 +249,10 @@ async fn reconcile<S: MapStore>(
                 if !programmed {
                     programmed = true;
                     health.set_ready();
+                    // The sync's copy of every frontend goes first, so that compacting can
+                    // return whole pages.
+                    drop(sync);
+                    origins = origins.clone();
                     cluster.compact();
                     reconciler.dataplane_mut().compact();
                     release_freed_memory();

@@ -23,6 +23,10 @@
 //! its member entry goes; once the plan is done neither can. Each slot, member and entry write is
 //! a single map update, so it is seen whole or not at all.
 //!
+//! The dataplane keeps each frontend's order and batches the same step of many frontends into one
+//! system call (`Dataplane::write_in_waves`): frontends use distinct service ids, so their writes
+//! never touch the same keys.
+//!
 //! Backends that stay keep their slot, so an endpoint change rewrites only the slots it touches,
 //! plus one member write per backend that joins or leaves. When the set shrinks, the last backends
 //! move down into the freed slots; a backend that moves keeps its member entry untouched (no
@@ -64,6 +68,15 @@ pub enum BackendAddr {
     V6(Backend6),
 }
 
+impl BackendAddr {
+    pub fn family(&self) -> Family {
+        match self {
+            BackendAddr::V4(_) => Family::V4,
+            BackendAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
 /// What the maps hold for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedFrontend {
@@ -98,6 +111,35 @@ pub enum Write {
     DeleteBackend(Family, BackendSlotKey),
     DeleteMember(u32, BackendAddr),
     DeleteName(u32),
+}
+
+/// Which map a [`Write`] goes to and whether it puts or deletes: writes of one op can be made
+/// in one batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapOp {
+    PutName,
+    DeleteName,
+    PutBackend(Family),
+    DeleteBackend(Family),
+    PutService(Family),
+    DeleteService(Family),
+    PutMember(Family),
+    DeleteMember(Family),
+}
+
+impl Write {
+    pub fn op(&self) -> MapOp {
+        match self {
+            Write::PutName(..) => MapOp::PutName,
+            Write::DeleteName(_) => MapOp::DeleteName,
+            Write::PutBackend(_, b) => MapOp::PutBackend(b.family()),
+            Write::DeleteBackend(family, _) => MapOp::DeleteBackend(*family),
+            Write::PutService(k, _) => MapOp::PutService(k.family()),
+            Write::DeleteService(k) => MapOp::DeleteService(k.family()),
+            Write::PutMember(_, b) => MapOp::PutMember(b.family()),
+            Write::DeleteMember(_, b) => MapOp::DeleteMember(b.family()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -31,9 +31,21 @@ struct MemStore {
     /// must keep it all along.
     staying: BTreeMap<u16, BTreeSet<BackendAddr>>,
     violations: Vec<String>,
+    /// Calls of `write_batch`, and the ops of each.
+    batches: Vec<(plan::MapOp, usize)>,
 }
 
 impl MapStore for MemStore {
+    fn write_batch(&mut self, writes: &[&Write]) -> Result<(), (usize, anyhow::Error)> {
+        let op = writes[0].op();
+        assert!(writes.iter().all(|w| w.op() == op), "one op per batch");
+        self.batches.push((op, writes.len()));
+        for (i, write) in writes.iter().enumerate() {
+            self.write(write).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
     fn write(&mut self, write: &Write) -> anyhow::Result<()> {
         match write {
             Write::PutService(k, _) if Some(port(k)) == self.fail_port => {
@@ -288,6 +300,33 @@ fn step(dp: &mut Dataplane<MemStore>, next: &[(u16, &[u8])]) -> ApplyReport {
     }
     dp.store.assert_members_match_slots();
     report
+}
+
+#[test]
+fn a_cold_start_is_four_batches_and_a_failing_frontend_stops_only_itself() {
+    let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
+    let lasts: Vec<u8> = (1..=10).collect();
+    let many: Vec<(u16, &[u8])> = (80..130).map(|p| (p, lasts.as_slice())).collect();
+    dp.store.fail_port = Some(100);
+    let r = dp.apply(&desired(&many));
+    assert_eq!((r.added, r.failed.len()), (49, 1), "{r:?}");
+    // Names, members, slots, then service entries: one batch each, and the entries' batch goes
+    // on after the failing one.
+    let ops: Vec<plan::MapOp> = dp.store.batches.iter().map(|(op, _)| *op).collect();
+    use plan::MapOp::*;
+    assert_eq!(
+        ops,
+        [
+            PutName,
+            PutMember(Family::V4),
+            PutBackend(Family::V4),
+            PutService(Family::V4),
+            PutService(Family::V4)
+        ]
+    );
+    assert_eq!(dp.store.batches[1].1, 500);
+    assert_eq!(dp.store.services.len(), 49);
+    assert_eq!(dp.store.violations, Vec::<String>::new());
 }
 
 #[test]

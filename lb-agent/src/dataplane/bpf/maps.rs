@@ -4,20 +4,21 @@ use std::{io::ErrorKind, path::Path};
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf,
-    maps::{HashMap, Map, MapData, MapError},
+    Ebpf, Pod,
+    maps::{HashMap, IterableMap as _, Map, MapData, MapError},
 };
 use lb_common::{
     Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
     Frontend4Key, Frontend6Key, ServiceEntry, ServiceName,
 };
 
+use super::batch::{self, Stopped};
 use super::{
     BACKENDS_MAP, BACKENDS6_MAP, MEMBERS_MAP, MEMBERS6_MAP, NAMES_MAP, SERVICES_MAP, SERVICES6_MAP,
 };
 use crate::dataplane::{
     MapStore, Snapshot,
-    plan::{BackendAddr, Family, FrontendKey, Write},
+    plan::{BackendAddr, Family, FrontendKey, MapOp, Write},
 };
 
 /// The maps, with the key and value types of lb-common.
@@ -129,10 +130,113 @@ impl MapStore for BpfMaps {
         };
         result.map_err(|error| match &error {
             MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                anyhow::anyhow!("map {map} is full")
+                full(map)
             }
             _ => anyhow::Error::new(error).context(format!("writing map {map}")),
         })
+    }
+
+    fn write_batch(&mut self, writes: &[&Write]) -> Result<(), (usize, anyhow::Error)> {
+        let Some(first) = writes.first() else {
+            return Ok(());
+        };
+        // Every write is of `first`'s op: the closures pick its key and value, and panic on
+        // any other (a bug in the caller).
+        fn other(write: &Write) -> ! {
+            panic!("a batch mixes map ops: {write:?}")
+        }
+        let v4 = |b: &BackendAddr| match b {
+            BackendAddr::V4(b) => *b,
+            BackendAddr::V6(_) => other(&Write::PutMember(0, *b)),
+        };
+        let v6 = |b: &BackendAddr| match b {
+            BackendAddr::V6(b) => *b,
+            BackendAddr::V4(_) => other(&Write::PutMember(0, *b)),
+        };
+        match first.op() {
+            MapOp::PutName => put(&self.names, NAMES_MAP, writes, |w| match w {
+                Write::PutName(id, name) => (*id, **name),
+                w => other(w),
+            }),
+            MapOp::DeleteName => delete(&self.names, NAMES_MAP, writes, |w| match w {
+                Write::DeleteName(id) => *id,
+                w => other(w),
+            }),
+            MapOp::PutBackend(Family::V4) => {
+                put(&self.backends, BACKENDS_MAP, writes, |w| match w {
+                    Write::PutBackend(k, b) => (*k, v4(b)),
+                    w => other(w),
+                })
+            }
+            MapOp::PutBackend(Family::V6) => {
+                put(&self.backends6, BACKENDS6_MAP, writes, |w| match w {
+                    Write::PutBackend(k, b) => (*k, v6(b)),
+                    w => other(w),
+                })
+            }
+            MapOp::DeleteBackend(Family::V4) => {
+                delete(&self.backends, BACKENDS_MAP, writes, |w| match w {
+                    Write::DeleteBackend(_, k) => *k,
+                    w => other(w),
+                })
+            }
+            MapOp::DeleteBackend(Family::V6) => {
+                delete(&self.backends6, BACKENDS6_MAP, writes, |w| match w {
+                    Write::DeleteBackend(_, k) => *k,
+                    w => other(w),
+                })
+            }
+            MapOp::PutService(Family::V4) => {
+                put(&self.services, SERVICES_MAP, writes, |w| match w {
+                    Write::PutService(FrontendKey::V4(k), e) => (*k, *e),
+                    w => other(w),
+                })
+            }
+            MapOp::PutService(Family::V6) => {
+                put(&self.services6, SERVICES6_MAP, writes, |w| match w {
+                    Write::PutService(FrontendKey::V6(k), e) => (*k, *e),
+                    w => other(w),
+                })
+            }
+            MapOp::DeleteService(Family::V4) => {
+                delete(&self.services, SERVICES_MAP, writes, |w| match w {
+                    Write::DeleteService(FrontendKey::V4(k)) => *k,
+                    w => other(w),
+                })
+            }
+            MapOp::DeleteService(Family::V6) => {
+                delete(&self.services6, SERVICES6_MAP, writes, |w| match w {
+                    Write::DeleteService(FrontendKey::V6(k)) => *k,
+                    w => other(w),
+                })
+            }
+            MapOp::PutMember(Family::V4) => put(&self.members, MEMBERS_MAP, writes, |w| match w {
+                Write::PutMember(id, b) => {
+                    (BackendMember4Key::new(*id, &v4(b)), BackendMember::MARKER)
+                }
+                w => other(w),
+            }),
+            MapOp::PutMember(Family::V6) => {
+                put(&self.members6, MEMBERS6_MAP, writes, |w| match w {
+                    Write::PutMember(id, b) => {
+                        (BackendMember6Key::new(*id, &v6(b)), BackendMember::MARKER)
+                    }
+                    w => other(w),
+                })
+            }
+            MapOp::DeleteMember(Family::V4) => {
+                delete(&self.members, MEMBERS_MAP, writes, |w| match w {
+                    Write::DeleteMember(id, b) => BackendMember4Key::new(*id, &v4(b)),
+                    w => other(w),
+                })
+            }
+            MapOp::DeleteMember(Family::V6) => {
+                delete(&self.members6, MEMBERS6_MAP, writes, |w| match w {
+                    Write::DeleteMember(id, b) => BackendMember6Key::new(*id, &v6(b)),
+                    w => other(w),
+                })
+            }
+        }
     }
 
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
@@ -169,4 +273,49 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::SyscallError(s)) if s.io_error.kind() == ErrorKind::NotFound => Ok(()),
         other => other,
     }
+}
+
+fn full(map: &str) -> anyhow::Error {
+    anyhow::anyhow!("map {map} is full")
+}
+
+/// Puts the entries `entry` makes of `writes` in one batch.
+fn put<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+    writes: &[&Write],
+    entry: impl Fn(&Write) -> (K, V),
+) -> Result<(), (usize, anyhow::Error)> {
+    let (keys, values): (Vec<K>, Vec<V>) = writes.iter().map(|w| entry(w)).unzip();
+    batch::update(map.map(), &keys, &values).map_err(|Stopped { done, error }| {
+        let error = match error.raw_os_error() {
+            Some(libc::E2BIG) => full(name),
+            _ => anyhow::Error::new(error).context(format!("writing map {name}")),
+        };
+        (done, error)
+    })
+}
+
+/// Deletes the keys `key` makes of `writes` in batches; a key that is not there is not an error.
+fn delete<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+    writes: &[&Write],
+    key: impl Fn(&Write) -> K,
+) -> Result<(), (usize, anyhow::Error)> {
+    let keys: Vec<K> = writes.iter().map(|w| key(w)).collect();
+    let mut start = 0;
+    while start < keys.len() {
+        match batch::delete(map.map(), &keys[start..]) {
+            Ok(()) => break,
+            Err(Stopped { done, error }) if error.kind() == ErrorKind::NotFound => {
+                start += done + 1;
+            }
+            Err(Stopped { done, error }) => {
+                let error = anyhow::Error::new(error).context(format!("deleting from map {name}"));
+                return Err((start + done, error));
+            }
+        }
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@
 //! nothing is flushed, not even the per-socket state of open sockets) and swaps in its own
 //! programs atomically, one hook at a time.
 
+mod batch;
 mod maps;
 mod pins;
 
