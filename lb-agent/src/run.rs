@@ -273,6 +273,8 @@ async fn reconcile<S: MapStore>(
             _ = resync.tick(), if programmed => {
                 let started = Instant::now();
                 let resynced = reconciler.resync(&cluster, Instant::now());
+                // A resync reads every map into memory: hand that back before the next one.
+                release_freed_memory();
                 if let Ok(report) = &resynced {
                     metrics.apply(&report.apply);
                     metrics.drift_repaired(report.frontends.len() + report.entries.len());

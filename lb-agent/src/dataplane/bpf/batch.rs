@@ -1,6 +1,7 @@
-//! `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_DELETE_BATCH` (Linux 5.6): many entries of one map in one
-//! system call, which a cold start of 10 000 Services (some 220 000 entries) needs. aya has no
-//! wrapper for them yet, so they are the raw `bpf(2)` commands here, on the fd aya opened.
+//! `BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_DELETE_BATCH` (Linux 5.6): many
+//! entries of one map in one system call, which a cold start of 10 000 Services (some 220 000
+//! entries) and every resync's read of the maps need. aya has no wrapper for them yet, so they are
+//! the raw `bpf(2)` commands here, on the fd aya opened.
 
 use std::{
     io,
@@ -10,6 +11,7 @@ use std::{
 
 use aya::{Pod, maps::MapData};
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -34,6 +36,71 @@ struct BatchAttr {
 pub struct Stopped {
     pub done: usize,
     pub error: io::Error,
+}
+
+/// Entries read per call of [`lookup_all`].
+const LOOKUP_CHUNK: usize = 8192;
+
+/// Every entry of a hash map, `LOOKUP_CHUNK` per system call (aya's iterator takes two calls
+/// per entry).
+pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut chunk = LOOKUP_CHUNK;
+    // The position between calls: a bucket number for hash maps, which the kernel reads and
+    // writes as a u32.
+    let mut position = 0u64;
+    let mut next = 0u64;
+    let mut first = true;
+    loop {
+        let mut keys: Vec<K> = Vec::with_capacity(chunk);
+        let mut values: Vec<V> = Vec::with_capacity(chunk);
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &position as *const u64 as u64
+            },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: keys and values have room for `count` entries of the map's key and value
+        // sizes; the kernel writes at most that many and says how many in attr.count.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let error = (result != 0).then(io::Error::last_os_error);
+        match &error {
+            // A bucket holds more entries than fit: ask for more at once.
+            Some(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                chunk *= 2;
+                continue;
+            }
+            Some(e) if e.kind() != io::ErrorKind::NotFound => return Err(error.unwrap()),
+            _ => {}
+        }
+        let count = attr.count as usize;
+        // SAFETY: the kernel wrote `count` whole entries.
+        unsafe {
+            keys.set_len(count);
+            values.set_len(count);
+        }
+        out.extend(keys.into_iter().zip(values));
+        // ENOENT: that was the last of them.
+        if error.is_some() {
+            return Ok(out);
+        }
+        position = next;
+        first = false;
+    }
 }
 
 /// Writes `keys[i]` → `values[i]` for every `i`, in order, stopping at the first failure.

@@ -240,21 +240,17 @@ impl MapStore for BpfMaps {
     }
 
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        fn all<K: aya::Pod, V: aya::Pod>(
+        fn all<K: Pod, V: Pod>(
             map: &HashMap<MapData, K, V>,
             name: &str,
         ) -> anyhow::Result<Vec<(K, V)>> {
-            map.iter()
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("reading {name}"))
+            batch::lookup_all(map.map()).with_context(|| format!("reading {name}"))
         }
-        fn keys<K: aya::Pod, V: aya::Pod>(
+        fn keys<K: Pod, V: Pod>(
             map: &HashMap<MapData, K, V>,
             name: &str,
         ) -> anyhow::Result<Vec<K>> {
-            map.keys()
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("reading {name}"))
+            Ok(all(map, name)?.into_iter().map(|(k, _)| k).collect())
         }
         Ok(Snapshot {
             services4: all(&self.services, SERVICES_MAP)?,
