@@ -6,7 +6,12 @@
 //! Incremental: each poll looks at every file's identity, size and modification time, re-reads
 //! only the files that changed, and turns only the objects that changed into model events. A file
 //! renamed into place (a new inode: the atomic write) is complete and is read at once; a file
-//! rewritten in place is read once its size and modification time have held still for one poll.
+//! rewritten in place is read once its size and modification time have held still for one poll
+//! interval.
+//!
+//! Polls come every `--poll-interval`, and also as soon as inotify says the directory changed, so
+//! a file renamed into place is read within milliseconds; the timed poll stays as the fallback
+//! (inotify unavailable or out of watches, a filesystem without it).
 //!
 //! Bad input never takes anything away that was good: a file that does not parse keeps its
 //! previous objects, and an object that does not deserialize keeps its previous version. A file
@@ -24,7 +29,7 @@ use std::{
     hash::{DefaultHasher, Hash as _, Hasher as _},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -33,10 +38,14 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
+use notify::{
+    EventKind, RecursiveMode, Watcher as _,
+    event::{ModifyKind, RenameMode},
+};
 use serde::Deserialize as _;
 use serde_yaml::Value;
 use tokio::{
-    sync::mpsc,
+    sync::{Notify, mpsc},
     time::{MissedTickBehavior, interval},
 };
 use tracing::{debug, error, info, warn};
@@ -216,9 +225,28 @@ impl ManifestSource {
         self.defined_in = self.defined_in.clone();
     }
 
+    /// The manifest file or directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Looks at every file and reads those that are new, replaced, or changed in place and then
-    /// held still for one poll: the events are the objects that changed.
+    /// held still since the last poll: the events are the objects that changed.
     pub fn poll(&mut self) -> Poll {
+        self.poll_files(None)
+    }
+
+    /// A poll woken by a change notification, which may come in the middle of a write: files
+    /// replaced by another inode, and new files in `moved_in` (renamed into place), are read at
+    /// once; a file written in place only counts as held still at the next timed [`poll`].
+    ///
+    /// [`poll`]: Self::poll
+    pub fn poll_changes(&mut self, moved_in: &BTreeSet<PathBuf>) -> Poll {
+        self.poll_files(Some(moved_in))
+    }
+
+    /// `moved_in` is `Some` for a poll woken by a notification (see [`Self::poll_changes`]).
+    fn poll_files(&mut self, moved_in: Option<&BTreeSet<PathBuf>>) -> Poll {
         let mut poll = Poll::default();
         let paths = match self.paths() {
             Ok(paths) => {
@@ -262,13 +290,19 @@ impl ManifestSource {
                 None => path.into(),
             };
             let file = self.files.entry(path.clone()).or_default();
-            let due = match file.read {
-                None => true,
-                Some(read) if read == now => false,
-                Some(read) => read.replaced(&now) || file.pending == Some(now),
+            let due = match (file.read, moved_in) {
+                (None, None) => true,
+                (None, Some(moved_in)) => moved_in.contains(path.as_ref()),
+                (Some(read), _) if read == now => false,
+                (Some(read), _) if read.replaced(&now) => true,
+                (Some(_), None) => file.pending == Some(now),
+                (Some(_), Some(_)) => false,
             };
             if !due {
-                file.pending = (file.read != Some(now)).then_some(now);
+                // Only timed polls, an interval apart, tell whether a file held still.
+                if moved_in.is_none() {
+                    file.pending = (file.read != Some(now)).then_some(now);
+                }
                 continue;
             }
             file.pending = None;
@@ -489,15 +523,41 @@ fn event(node_name: Option<&str>, key: &ObjectRef, object: Option<Object>) -> Op
     })
 }
 
-/// Polls the manifests every `poll_interval` and sends what changed, until the receiver is gone.
+/// How long a notification waits for more: a tool that renames several files in a row gets one
+/// poll.
+const SETTLE: Duration = Duration::from_millis(2);
+
+/// Polls the manifests every `poll_interval`, and whenever inotify reports a change, and sends
+/// what changed, until the receiver is gone.
 pub async fn follow(mut source: ManifestSource, poll_interval: Duration, tx: mpsc::Sender<Batch>) {
     let mut ticker = interval(poll_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let changes = Arc::new(Changes::default());
+    let _watcher = match watch(source.root(), changes.clone()) {
+        Ok(watcher) => Some(watcher),
+        Err(e) => {
+            warn!(
+                "cannot watch {} for changes ({e}); reading changes every {} instead",
+                source.root().display(),
+                humantime::format_duration(poll_interval)
+            );
+            None
+        }
+    };
     let mut synced = false;
     loop {
-        ticker.tick().await;
+        let moved_in = tokio::select! {
+            _ = ticker.tick() => None,
+            () = changes.wake.notified() => {
+                tokio::time::sleep(SETTLE).await;
+                Some(std::mem::take(&mut *changes.moved_in.lock().unwrap()))
+            }
+        };
         let started = Instant::now();
-        let poll = source.poll();
+        let poll = match &moved_in {
+            None => source.poll(),
+            Some(moved_in) => source.poll_changes(moved_in),
+        };
         let read = started.elapsed();
         if let Some(e) = &poll.listing_error {
             error!("reading manifests: {e}; keeping the current state");
@@ -523,6 +583,43 @@ pub async fn follow(mut source: ManifestSource, poll_interval: Duration, tx: mps
             source.compact();
         }
     }
+}
+
+/// What inotify reported since the last poll.
+#[derive(Default)]
+struct Changes {
+    /// Files renamed into place: complete, read at once.
+    moved_in: Mutex<BTreeSet<PathBuf>>,
+    wake: Notify,
+}
+
+/// Watches the manifest directory (for a single file, its directory: a rename replaces the file's
+/// inode, which a watch on the file itself would lose).
+fn watch(root: &Path, changes: Arc<Changes>) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else {
+            // An overflow or a watch that went away: look at everything.
+            changes.wake.notify_one();
+            return;
+        };
+        if let EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) = event.kind
+            && let Some(to) = event.paths.last()
+        {
+            changes.moved_in.lock().unwrap().insert(to.clone());
+        }
+        if !matches!(event.kind, EventKind::Access(_)) {
+            changes.wake.notify_one();
+        }
+    })?;
+    let dir = if root.is_dir() {
+        root
+    } else {
+        root.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    };
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
 }
 
 /// A file's text, or why it cannot be had.
@@ -942,6 +1039,74 @@ mod tests {
         );
         let poll = source.poll();
         assert_eq!(events(&poll), ["-Service default/api", "+Service shop/web"]);
+    }
+
+    #[test]
+    fn a_notified_poll_reads_files_renamed_in_and_leaves_in_place_writes_to_the_timed_poll() {
+        let tmp = tempdir();
+        let dir = tmp.path();
+        write(dir, "a.yaml", WEB);
+        let mut source = ManifestSource::new(dir, None).unwrap();
+        source.poll();
+
+        // Renamed into place, new name or old: read at once.
+        write(dir, "b.yaml", API);
+        let moved_in = [dir.join("b.yaml")].into();
+        assert_eq!(
+            events(&source.poll_changes(&moved_in)),
+            ["+Service default/api"]
+        );
+        write(dir, "a.yaml", &WEB.replace("port: 80", "port: 81"));
+        assert_eq!(
+            events(&source.poll_changes(&BTreeSet::new())),
+            ["+Service shop/web"]
+        );
+
+        // Written in place, or created and then written: maybe half-way, however many
+        // notifications come; read by the timed poll once it held still.
+        fs::write(dir.join("a.yaml"), WEB).unwrap();
+        fs::write(dir.join("c.yaml"), slice("web-1", "10.0.0.1")).unwrap();
+        for _ in 0..3 {
+            let poll = source.poll_changes(&BTreeSet::new());
+            assert_eq!((poll.files_read, poll.events.len()), (0, 0));
+        }
+        let poll = source.poll();
+        assert_eq!(
+            events(&poll),
+            ["+EndpointSlice shop/web-1"],
+            "c.yaml is new"
+        );
+        assert_eq!(
+            events(&source.poll()),
+            ["+Service shop/web"],
+            "a.yaml held still"
+        );
+    }
+
+    #[tokio::test]
+    async fn follow_reads_a_file_renamed_into_place_without_waiting_for_the_poll_interval() {
+        let tmp = tempdir();
+        let dir = tmp.path().to_owned();
+        write(&dir, "a.yaml", WEB);
+        let (tx, mut rx) = mpsc::channel(16);
+        let source = ManifestSource::new(&dir, None).unwrap();
+        let following = tokio::spawn(follow(source, Duration::from_secs(3600), tx));
+        let first = rx.recv().await.unwrap();
+        assert!(first.synced && first.events.len() == 1);
+
+        let written = Instant::now();
+        write(&dir, "b.yaml", API);
+        let batch = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("read within 5 s, not at the hourly poll")
+            .unwrap();
+        assert_eq!(batch.events.len(), 1);
+        assert!(
+            written.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            written.elapsed()
+        );
+        following.abort();
     }
 
     #[test]
