@@ -307,8 +307,8 @@ impl ManifestSource {
             }
             file.pending = None;
             file.read = Some(now);
-            let text = match read_text(&path) {
-                Ok(text) => text,
+            let bytes = match read_bytes(&path) {
+                Ok(bytes) => bytes,
                 Err(message) => {
                     // Read again at every poll until it works; reported once.
                     file.read = None;
@@ -330,6 +330,20 @@ impl ManifestSource {
             }
             file.ever_read = true;
             poll.files_read += 1;
+            // Not text: like a file that does not parse, it keeps what it defined.
+            let text = match text_of(bytes) {
+                Ok(text) => text,
+                Err(message) => {
+                    let consequence = if file.objects.is_empty() {
+                        "nothing in it is used until it is text"
+                    } else {
+                        "keeping what this file defined before"
+                    };
+                    poll.errors
+                        .push(file_error(&path, format!("{message}; {consequence}")));
+                    continue;
+                }
+            };
             // A file that does not parse keeps what it defined: nothing changes.
             let Some(objects) = parse_file(&path, &text, &file.objects, &mut poll.errors) else {
                 continue;
@@ -464,7 +478,8 @@ impl ManifestSource {
             };
             // Problems in it were reported when it was read; this read only fetches objects.
             let mut ignored = Vec::new();
-            let mut found: BTreeMap<ObjectRef, Object> = read_text(&path)
+            let mut found: BTreeMap<ObjectRef, Object> = read_bytes(&path)
+                .and_then(text_of)
                 .ok()
                 .and_then(|text| parse_file(&path, &text, &file.objects, &mut ignored))
                 .into_iter()
@@ -622,12 +637,19 @@ fn watch(root: &Path, changes: Arc<Changes>) -> notify::Result<notify::Recommend
     Ok(watcher)
 }
 
-/// A file's text, or why it cannot be had.
-fn read_text(path: &Path) -> Result<String, String> {
-    match fs::read(path) {
-        Ok(bytes) => String::from_utf8(bytes).map_err(|e| e.to_string()),
-        Err(e) => Err(format!("cannot read: {e}")),
-    }
+/// A file's bytes, or why they cannot be had.
+fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    fs::read(path).map_err(|e| format!("cannot read: {e}"))
+}
+
+/// A file's text; `Err` when it is not UTF-8 (a binary file), with where it stops being text.
+fn text_of(bytes: Vec<u8>) -> Result<String, String> {
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 text (invalid byte at offset {}): not a manifest",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 fn file_error(path: &Path, message: String) -> ManifestError {
@@ -719,18 +741,39 @@ fn parse_object(value: Value) -> Result<Option<(ObjectRef, Object)>, ObjectError
             "not a Kubernetes object: apiVersion and kind are required".into(),
         ));
     };
+    if kind.is_empty() {
+        return Err((None, "not a Kubernetes object: kind is empty".into()));
+    }
     let meta = value.get("metadata");
-    let meta_text = |field: &str| {
-        meta.and_then(|m| m.get(field))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
+    // A metadata string field: absent, or a string; anything else is an error naming the field.
+    let meta_text = |field: &str| -> Result<Option<String>, ObjectError> {
+        match meta.and_then(|m| m.get(field)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err((
+                None,
+                format!(
+                    "metadata.{field}: invalid type: {}, expected a string",
+                    describe(other)
+                ),
+            )),
+        }
     };
-    let name = meta_text("name");
+    let name = meta_text("name")?;
     let kind: &'static str = match kind.as_str() {
         "Service" => "Service",
         "EndpointSlice" => "EndpointSlice",
         "Node" => "Node",
         other => {
+            if let Some(meant) = misspelt_kind(other) {
+                return Err((
+                    None,
+                    format!(
+                        "kind: {other} is not a Kubernetes kind; did you mean {meant}? (the \
+                         object is skipped)"
+                    ),
+                ));
+            }
             debug!(
                 kind = other,
                 ?name,
@@ -739,16 +782,30 @@ fn parse_object(value: Value) -> Result<Option<(ObjectRef, Object)>, ObjectError
             return Ok(None);
         }
     };
-    // kubectl's default; the objects in a manifest usually leave it out. Nodes have none.
+    // kubectl's default, for a namespace left out or empty. Nodes have none.
+    let namespace = match kind {
+        "Node" => Ok(None),
+        _ => meta_text("namespace"),
+    };
+    // A namespace of the wrong type is reported under the namespace kubectl would use.
+    let (namespace, bad_namespace) = match namespace {
+        Ok(namespace) => (namespace, None),
+        Err((_, message)) => (None, Some(message)),
+    };
     let namespace = match kind {
         "Node" => String::new(),
-        _ => meta_text("namespace").unwrap_or_else(|| "default".to_owned()),
+        _ => namespace
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
     };
     let key = name.as_ref().map(|name| ObjectRef {
         kind,
         namespace: namespace.clone(),
         name: name.clone(),
     });
+    if let Some(message) = bad_namespace {
+        return Err((key, message));
+    }
     let expected_version = match kind {
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => "v1",
@@ -784,6 +841,42 @@ fn parse_object(value: Value) -> Result<Option<(ObjectRef, Object)>, ObjectError
     match object {
         Ok(object) => Ok(object.map(|object| (key, object))),
         Err(message) => Err((Some(key), message)),
+    }
+}
+
+/// The kind lb uses that `kind` was likely meant to be: the same but for letter case, or one
+/// letter added, left out, changed or two swapped (`Servcie`, `service`, `Endpointslice`).
+fn misspelt_kind(kind: &str) -> Option<&'static str> {
+    ["Service", "EndpointSlice", "Node"]
+        .into_iter()
+        .find(|known| {
+            let (a, b) = (kind.to_ascii_lowercase(), known.to_ascii_lowercase());
+            a == b || one_edit_apart(a.as_bytes(), b.as_bytes())
+        })
+}
+
+/// Whether one insertion, deletion, substitution or swap of neighbours turns `a` into `b`.
+fn one_edit_apart(a: &[u8], b: &[u8]) -> bool {
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let (a, b) = (&a[prefix..], &b[prefix..]);
+    match a.len() as isize - b.len() as isize {
+        0 => a[1..] == b[1..] || (a.len() >= 2 && a[0] == b[1] && a[1] == b[0] && a[2..] == b[2..]),
+        1 => a[1..] == *b,
+        -1 => *a == b[1..],
+        _ => false,
+    }
+}
+
+/// A YAML value's type, as serde words it in errors.
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean `{b}`"),
+        Value::Number(n) => format!("number `{n}`"),
+        Value::String(s) => format!("string {s:?}"),
+        Value::Sequence(_) => "sequence".into(),
+        Value::Mapping(_) => "map".into(),
+        Value::Tagged(_) => "tagged value".into(),
     }
 }
 
@@ -1188,6 +1281,24 @@ mod tests {
                 .any(|e| e.to_string().contains("(Service shop/fresh)")
                     && e.to_string().ends_with("skipped"))
         );
+    }
+
+    #[test]
+    fn a_misspelt_kind_is_named_and_other_kinds_are_not() {
+        for (kind, meant) in [
+            ("Servcie", Some("Service")),
+            ("service", Some("Service")),
+            ("Sevice", Some("Service")),
+            ("Endpointslice", Some("EndpointSlice")),
+            ("EndpointSlices", Some("EndpointSlice")),
+            ("Nodes", Some("Node")),
+            ("Deployment", None),
+            ("Secret", None),
+            ("Endpoints", None),
+            ("N", None),
+        ] {
+            assert_eq!(misspelt_kind(kind), meant, "{kind}");
+        }
     }
 
     #[test]
