@@ -416,10 +416,17 @@ impl Testbed {
 
     /// Writes a manifest atomically (a temporary dot-file renamed into place), as a tool would.
     pub fn write_manifest(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        self.write_manifest_timed(name, text).map(drop)
+    }
+
+    /// [`write_manifest`](Self::write_manifest); returns when the rename began, in µs since the
+    /// Unix epoch ([`probe::now_us`]), to time what follows the change from there.
+    pub fn write_manifest_timed(&self, name: &str, text: &str) -> anyhow::Result<u64> {
         let tmp = self.manifests.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, text)?;
+        let renaming = probe::now_us();
         std::fs::rename(&tmp, self.manifests.join(name))?;
-        Ok(())
+        Ok(renaming)
     }
 
     /// From now on, the agent follows `api` (as node `node_name`) instead of the manifests.
