@@ -93,11 +93,33 @@ pub fn dual_stack_manifests(count: usize) -> String {
     out
 }
 
-/// The control plane's Services, unchanged since its targets were set: `count` IPv4 Services
-/// (port 80/TCP → targetPort `echo`), each with a slice of all pods on the echo port.
-pub fn ipv4_manifests(count: usize) -> String {
-    let mut out = String::with_capacity(count * 1400);
-    for i in 0..count {
+/// The control plane's Services, unchanged since its targets were set: IPv4 Services (port
+/// 80/TCP → targetPort `echo`), each with one slice of all pods on the echo port.
+///
+/// Endpoint changes replace a Service's last endpoint: [`Replaced`] holds, by Service index, the
+/// address that endpoint has instead of its pod's.
+pub type Replaced = std::collections::BTreeMap<usize, Ipv4Addr>;
+
+/// The endpoints of Service `index`: every pod, the last one as `replaced` says.
+fn ipv4_endpoints(index: usize, replaced: &Replaced) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    (0..BACKENDS).map(move |p| match replaced.get(&index) {
+        Some(&ip) if p == BACKENDS - 1 => ip,
+        _ => pod_ip(p),
+    })
+}
+
+/// The `change`th endpoint change of the control-plane bench among `count` Services: which
+/// Service (a different one each time while there are enough: 37 is coprime to the scales) and
+/// the address its last endpoint gets (a new one each time, outside the pods' addresses).
+pub fn endpoint_change(change: usize, count: usize) -> (usize, Ipv4Addr) {
+    let index = (change * 37) % count;
+    (index, Ipv4Addr::new(10, 244, 2, (change % 250) as u8 + 1))
+}
+
+/// Services `range` of the control plane's as a manifest: each Service, then its slice.
+pub fn ipv4_manifests(range: std::ops::Range<usize>, replaced: &Replaced) -> String {
+    let mut out = String::with_capacity(range.len() * 1400);
+    for i in range {
         let _ = write!(
             out,
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
@@ -107,41 +129,32 @@ pub fn ipv4_manifests(count: usize) -> String {
              addressType: IPv4\nports: [{{name: echo, port: {ECHO_PORT}}}]\nendpoints:\n",
             cluster_ip(i)
         );
-        for p in 0..BACKENDS {
-            let _ = writeln!(
-                out,
-                "- {{addresses: [{}], conditions: {{ready: true}}}}",
-                pod_ip(p)
-            );
+        for ip in ipv4_endpoints(i, replaced) {
+            let _ = writeln!(out, "- {{addresses: [{ip}], conditions: {{ready: true}}}}");
         }
     }
     out
 }
 
-/// [`ipv4_manifests`] as the API server would send them.
-pub fn ipv4_api_objects(count: usize) -> (Vec<Value>, Vec<Value>) {
-    let services = (0..count)
-        .map(|i| {
-            json!({"apiVersion": "v1", "kind": "Service",
-                   "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-                   "spec": {"clusterIP": cluster_ip(i).to_string(),
-                            "ports": [{"name": "echo", "port": SERVICE_PORT, "targetPort": "echo", "protocol": "TCP"}]}})
-        })
+/// Service `index` of [`ipv4_manifests`] as the API server would send it.
+pub fn ipv4_api_service(index: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": format!("svc-{index}"), "namespace": "bench"},
+           "spec": {"clusterIP": cluster_ip(index).to_string(),
+                    "ports": [{"name": "echo", "port": SERVICE_PORT, "targetPort": "echo", "protocol": "TCP"}]}})
+}
+
+/// Service `index`'s slice of [`ipv4_manifests`] as the API server would send it.
+pub fn ipv4_api_slice(index: usize, replaced: &Replaced) -> Value {
+    let endpoints: Vec<Value> = ipv4_endpoints(index, replaced)
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
         .collect();
-    let slices = (0..count)
-        .map(|i| {
-            let endpoints: Vec<Value> = (0..BACKENDS)
-                .map(|p| json!({"addresses": [pod_ip(p).to_string()], "conditions": {"ready": true}}))
-                .collect();
-            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                   "metadata": {"name": format!("svc-{i}-a"), "namespace": "bench",
-                                "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
-                   "addressType": "IPv4",
-                   "ports": [{"name": "echo", "port": ECHO_PORT, "protocol": "TCP"}],
-                   "endpoints": endpoints})
-        })
-        .collect();
-    (services, slices)
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("svc-{index}-a"), "namespace": "bench",
+                        "labels": {"kubernetes.io/service-name": format!("svc-{index}")}},
+           "addressType": "IPv4",
+           "ports": [{"name": "echo", "port": ECHO_PORT, "protocol": "TCP"}],
+           "endpoints": endpoints})
 }
 
 /// Rules [`iptables_rules`] makes for `count` Services.
@@ -223,5 +236,22 @@ mod tests {
         assert!(yaml.contains("protocol: UDP, targetPort: echo-udp"));
         assert!(yaml.contains("addressType: IPv6"));
         assert!(yaml.contains("[\"fd00:244:1::a\"]"));
+    }
+
+    #[test]
+    fn an_endpoint_change_replaces_the_last_endpoint_of_one_service() {
+        let (index, ip) = endpoint_change(3, 10_000);
+        assert_eq!((index, ip), (111, Ipv4Addr::new(10, 244, 2, 4)));
+        let replaced = Replaced::from([(index, ip)]);
+        let yaml = ipv4_manifests(110..112, &replaced);
+        assert_eq!(yaml.matches("kind: EndpointSlice").count(), 2);
+        assert_eq!(yaml.matches("10.244.1.10]").count(), 1, "{yaml}");
+        assert!(yaml.ends_with("- {addresses: [10.244.2.4], conditions: {ready: true}}\n"));
+        let slice = ipv4_api_slice(index, &replaced);
+        assert_eq!(slice["endpoints"][9]["addresses"][0], "10.244.2.4");
+        assert_eq!(
+            ipv4_api_slice(110, &replaced)["endpoints"][9]["addresses"][0],
+            "10.244.1.10"
+        );
     }
 }
