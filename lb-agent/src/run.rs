@@ -39,6 +39,10 @@ use crate::{
 const MAX_BATCH: usize = 10_000;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // One malloc arena for every thread: the map-writing threads of a large sync would otherwise
+    // each keep an arena of their own, which malloc_trim does not shrink back.
+    // SAFETY: mallopt only sets an allocator parameter, before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -123,7 +123,35 @@ pub trait MapStore {
         Ok(())
     }
 
+    /// Makes several batches (each as [`write_batch`](Self::write_batch)) that may be made in
+    /// any order or at once, going on past a failed write; returns each batch's failed writes, by
+    /// index, with their errors. A store may make the batches in parallel.
+    fn write_batches(&mut self, batches: &[&[&Write]]) -> Vec<Vec<(usize, anyhow::Error)>> {
+        batches
+            .iter()
+            .map(|writes| write_past_failures(writes, |rest| self.write_batch(rest)))
+            .collect()
+    }
+
     fn snapshot(&self) -> anyhow::Result<Snapshot>;
+}
+
+/// Makes `writes` with `write_batch`, going on after each failed write; returns the failed ones,
+/// by index, with their errors.
+pub fn write_past_failures(
+    writes: &[&Write],
+    mut write_batch: impl FnMut(&[&Write]) -> Result<(), (usize, anyhow::Error)>,
+) -> Vec<(usize, anyhow::Error)> {
+    let mut failures = Vec::new();
+    let mut start = 0;
+    while start < writes.len() {
+        let Err((at, error)) = write_batch(&writes[start..]) else {
+            break;
+        };
+        failures.push((start + at, error));
+        start += at + 1;
+    }
+    failures
 }
 
 /// What one [`Dataplane::apply`] did.
@@ -238,17 +266,15 @@ impl<S: MapStore> Dataplane<S> {
     /// not made.
     ///
     /// The order: the plan's groups one after the other (removals, which free map space, then
-    /// updates, then additions). Within a group, each change's writes are cut into runs of one
-    /// [`MapOp`](plan::MapOp), and the k-th run of every change is made before the (k+1)-th of
-    /// any, one batch per op: so each frontend's writes keep the order [`plan`] gives them, and
-    /// writes of different frontends, which touch different keys, are made together. A cold
-    /// start of 10 000 frontends is four batches.
+    /// updates, then additions). Within a group, the k-th step ([`FrontendChange::steps`]) of
+    /// every change is made before the (k+1)-th of any, one batch per [`MapOp`](plan::MapOp), and
+    /// the batches of a step go to the store together (which may make them at once): so each
+    /// frontend's writes keep the order [`plan`] gives them, and writes of different frontends,
+    /// which touch different keys, are made together. A cold start of 10 000 frontends is two
+    /// steps: names, members and slots, then the entries.
     fn write_in_waves(&mut self, changes: &[FrontendChange]) -> BTreeMap<usize, anyhow::Error> {
         let mut failed: BTreeMap<usize, anyhow::Error> = BTreeMap::new();
-        let runs: Vec<Vec<&[Write]>> = changes
-            .iter()
-            .map(|c| c.writes.chunk_by(|a, b| a.op() == b.op()).collect())
-            .collect();
+        let steps: Vec<Vec<Vec<&[Write]>>> = changes.iter().map(FrontendChange::steps).collect();
         let mut group_start = 0;
         while group_start < changes.len() {
             let kind = changes[group_start].kind;
@@ -256,7 +282,7 @@ impl<S: MapStore> Dataplane<S> {
                 .iter()
                 .position(|c| c.kind != kind)
                 .map_or(changes.len(), |n| group_start + n);
-            let waves = runs[group_start..group_end]
+            let waves = steps[group_start..group_end]
                 .iter()
                 .map(Vec::len)
                 .max()
@@ -264,30 +290,22 @@ impl<S: MapStore> Dataplane<S> {
             for wave in 0..waves {
                 // Each op's writes in this wave, with the change each belongs to.
                 let mut batches: BTreeMap<plan::MapOp, (Vec<&Write>, Vec<usize>)> = BTreeMap::new();
-                for (index, runs) in runs.iter().enumerate().take(group_end).skip(group_start) {
+                for (index, steps) in steps.iter().enumerate().take(group_end).skip(group_start) {
                     if failed.contains_key(&index) {
                         continue;
                     }
-                    let Some(run) = runs.get(wave) else {
-                        continue;
-                    };
-                    let (writes, owners) = batches.entry(run[0].op()).or_default();
-                    writes.extend(run.iter());
-                    owners.extend(std::iter::repeat_n(index, run.len()));
+                    for run in steps.get(wave).into_iter().flatten() {
+                        let (writes, owners) = batches.entry(run[0].op()).or_default();
+                        writes.extend(run.iter());
+                        owners.extend(std::iter::repeat_n(index, run.len()));
+                    }
                 }
-                for (writes, owners) in batches.into_values() {
-                    let mut start = 0;
-                    while start < writes.len() {
-                        let Err((at, error)) = self.store.write_batch(&writes[start..]) else {
-                            break;
-                        };
-                        // That change fails; the batch goes on after its writes.
-                        let owner = owners[start + at];
-                        failed.insert(owner, error);
-                        start += at;
-                        while start < writes.len() && owners[start] == owner {
-                            start += 1;
-                        }
+                let batches: Vec<(Vec<&Write>, Vec<usize>)> = batches.into_values().collect();
+                let writes: Vec<&[&Write]> = batches.iter().map(|(w, _)| w.as_slice()).collect();
+                let results = self.store.write_batches(&writes);
+                for ((_, owners), failures) in batches.iter().zip(results) {
+                    for (at, error) in failures {
+                        failed.entry(owners[at]).or_insert(error);
                     }
                 }
             }

@@ -9,23 +9,28 @@
 //! and so that every backend reachable through a slot below the count has its member entry, each
 //! frontend's writes go:
 //!
-//! - **added**: name, then the members of its backends, then backend slots `0..n`, then the
-//!   service entry (count `n`) that makes them reachable;
+//! - **added**: name, the members of its backends and backend slots `0..n` (in any order:
+//!   none is reachable yet), then the service entry (count `n`) that makes them reachable;
 //! - **updated**: the members of joining backends, then the changed slots below the new count,
 //!   then the entry with the new count, then the slots at or above the new count (now
 //!   unreachable) are deleted, then the members of departed backends (now in no slot below the
 //!   count);
-//! - **removed**: the entry first (connects and datagrams stop matching), then its slots, then
-//!   its members, then its name.
+//! - **removed**: the entry first (connects and datagrams stop matching), then its slots, its
+//!   members and its name (in any order: none is reachable any more).
 //!
 //! While an update runs, a connect may still reach a backend of the old set (a slot not yet
 //! rewritten, or one below the old count), and a socket that had a departed backend keeps it until
 //! its member entry goes; once the plan is done neither can. Each slot, member and entry write is
 //! a single map update, so it is seen whole or not at all.
 //!
-//! The dataplane keeps each frontend's order and batches the same step of many frontends into one
-//! system call (`Dataplane::write_in_waves`): frontends use distinct service ids, so their writes
-//! never touch the same keys.
+//! Some of these writes may go in any order: nothing of an added frontend is reachable before its
+//! entry, so its name, members and slots form one step; nothing of a removed frontend is reachable
+//! once its entry is gone, so its slots, members and name form one step
+//! ([`FrontendChange::steps`]). Every write of an update is a step of its own.
+//!
+//! The dataplane makes each frontend's steps in order and batches the same step of many frontends
+//! into one system call per map (`Dataplane::write_in_waves`): frontends use distinct service ids,
+//! so their writes never touch the same keys.
 //!
 //! Backends that stay keep their slot, so an endpoint change rewrites only the slots it touches,
 //! plus one member write per backend that joins or leaves. When the set shrinks, the last backends
@@ -157,6 +162,25 @@ pub struct FrontendChange {
     pub writes: Vec<Write>,
     /// The frontend once `writes` are done; `None` when removed.
     pub after: Option<ProgrammedFrontend>,
+}
+
+impl FrontendChange {
+    /// The writes as steps to make one after the other; the runs of writes within a step (each of
+    /// one [`MapOp`]) may be made in any order, or at once.
+    pub fn steps(&self) -> Vec<Vec<&[Write]>> {
+        let runs: Vec<&[Write]> = self.writes.chunk_by(|a, b| a.op() == b.op()).collect();
+        match (self.kind, runs.as_slice()) {
+            // Name, members and slots, then the entry that makes them reachable.
+            (ChangeKind::Added, [unreachable @ .., entry]) => {
+                vec![unreachable.to_vec(), vec![*entry]]
+            }
+            // The entry, then what it no longer makes reachable.
+            (ChangeKind::Removed, [entry, unreachable @ ..]) => {
+                vec![vec![*entry], unreachable.to_vec()]
+            }
+            _ => runs.into_iter().map(|run| vec![run]).collect(),
+        }
+    }
 }
 
 /// Which frontends a plan covers.

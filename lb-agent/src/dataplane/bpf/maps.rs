@@ -19,7 +19,11 @@ use super::{
 use crate::dataplane::{
     MapStore, Snapshot,
     plan::{BackendAddr, Family, FrontendKey, MapOp, Write},
+    write_past_failures,
 };
+
+/// Batches at least this large, when a step has two or more, are written in parallel.
+const PARALLEL_BATCH: usize = 1024;
 
 /// The maps, with the key and value types of lb-common.
 pub struct BpfMaps {
@@ -72,71 +76,10 @@ impl BpfMaps {
             names: typed(get(NAMES_MAP)?, NAMES_MAP)?,
         })
     }
-}
 
-fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
-    HashMap::try_from(map).with_context(|| {
-        format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
-    })
-}
-
-impl MapStore for BpfMaps {
-    fn write(&mut self, write: &Write) -> anyhow::Result<()> {
-        let (map, result) = match write {
-            Write::PutName(id, name) => (NAMES_MAP, self.names.insert(id, name.as_ref(), 0)),
-            Write::DeleteName(id) => (NAMES_MAP, ignore_missing(self.names.remove(id))),
-            Write::PutBackend(key, BackendAddr::V4(b)) => {
-                (BACKENDS_MAP, self.backends.insert(key, b, 0))
-            }
-            Write::PutBackend(key, BackendAddr::V6(b)) => {
-                (BACKENDS6_MAP, self.backends6.insert(key, b, 0))
-            }
-            Write::DeleteBackend(Family::V4, key) => {
-                (BACKENDS_MAP, ignore_missing(self.backends.remove(key)))
-            }
-            Write::DeleteBackend(Family::V6, key) => {
-                (BACKENDS6_MAP, ignore_missing(self.backends6.remove(key)))
-            }
-            Write::PutService(FrontendKey::V4(k), e) => {
-                (SERVICES_MAP, self.services.insert(k, e, 0))
-            }
-            Write::PutService(FrontendKey::V6(k), e) => {
-                (SERVICES6_MAP, self.services6.insert(k, e, 0))
-            }
-            Write::DeleteService(FrontendKey::V4(k)) => {
-                (SERVICES_MAP, ignore_missing(self.services.remove(k)))
-            }
-            Write::DeleteService(FrontendKey::V6(k)) => {
-                (SERVICES6_MAP, ignore_missing(self.services6.remove(k)))
-            }
-            Write::PutMember(id, BackendAddr::V4(b)) => (
-                MEMBERS_MAP,
-                self.members
-                    .insert(BackendMember4Key::new(*id, b), BackendMember::MARKER, 0),
-            ),
-            Write::PutMember(id, BackendAddr::V6(b)) => (
-                MEMBERS6_MAP,
-                self.members6
-                    .insert(BackendMember6Key::new(*id, b), BackendMember::MARKER, 0),
-            ),
-            Write::DeleteMember(id, BackendAddr::V4(b)) => (
-                MEMBERS_MAP,
-                ignore_missing(self.members.remove(&BackendMember4Key::new(*id, b))),
-            ),
-            Write::DeleteMember(id, BackendAddr::V6(b)) => (
-                MEMBERS6_MAP,
-                ignore_missing(self.members6.remove(&BackendMember6Key::new(*id, b))),
-            ),
-        };
-        result.map_err(|error| match &error {
-            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                full(map)
-            }
-            _ => anyhow::Error::new(error).context(format!("writing map {map}")),
-        })
-    }
-
-    fn write_batch(&mut self, writes: &[&Write]) -> Result<(), (usize, anyhow::Error)> {
+    /// One batch of writes of one op ([`MapStore::write_batch`]); needs only `&self`, so that
+    /// batches on different maps can run at once.
+    fn batch(&self, writes: &[&Write]) -> Result<(), (usize, anyhow::Error)> {
         let Some(first) = writes.first() else {
             return Ok(());
         };
@@ -237,6 +180,98 @@ impl MapStore for BpfMaps {
                 })
             }
         }
+    }
+}
+
+fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(map).with_context(|| {
+        format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
+    })
+}
+
+impl MapStore for BpfMaps {
+    fn write(&mut self, write: &Write) -> anyhow::Result<()> {
+        let (map, result) = match write {
+            Write::PutName(id, name) => (NAMES_MAP, self.names.insert(id, name.as_ref(), 0)),
+            Write::DeleteName(id) => (NAMES_MAP, ignore_missing(self.names.remove(id))),
+            Write::PutBackend(key, BackendAddr::V4(b)) => {
+                (BACKENDS_MAP, self.backends.insert(key, b, 0))
+            }
+            Write::PutBackend(key, BackendAddr::V6(b)) => {
+                (BACKENDS6_MAP, self.backends6.insert(key, b, 0))
+            }
+            Write::DeleteBackend(Family::V4, key) => {
+                (BACKENDS_MAP, ignore_missing(self.backends.remove(key)))
+            }
+            Write::DeleteBackend(Family::V6, key) => {
+                (BACKENDS6_MAP, ignore_missing(self.backends6.remove(key)))
+            }
+            Write::PutService(FrontendKey::V4(k), e) => {
+                (SERVICES_MAP, self.services.insert(k, e, 0))
+            }
+            Write::PutService(FrontendKey::V6(k), e) => {
+                (SERVICES6_MAP, self.services6.insert(k, e, 0))
+            }
+            Write::DeleteService(FrontendKey::V4(k)) => {
+                (SERVICES_MAP, ignore_missing(self.services.remove(k)))
+            }
+            Write::DeleteService(FrontendKey::V6(k)) => {
+                (SERVICES6_MAP, ignore_missing(self.services6.remove(k)))
+            }
+            Write::PutMember(id, BackendAddr::V4(b)) => (
+                MEMBERS_MAP,
+                self.members
+                    .insert(BackendMember4Key::new(*id, b), BackendMember::MARKER, 0),
+            ),
+            Write::PutMember(id, BackendAddr::V6(b)) => (
+                MEMBERS6_MAP,
+                self.members6
+                    .insert(BackendMember6Key::new(*id, b), BackendMember::MARKER, 0),
+            ),
+            Write::DeleteMember(id, BackendAddr::V4(b)) => (
+                MEMBERS_MAP,
+                ignore_missing(self.members.remove(&BackendMember4Key::new(*id, b))),
+            ),
+            Write::DeleteMember(id, BackendAddr::V6(b)) => (
+                MEMBERS6_MAP,
+                ignore_missing(self.members6.remove(&BackendMember6Key::new(*id, b))),
+            ),
+        };
+        result.map_err(|error| match &error {
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                full(map)
+            }
+            _ => anyhow::Error::new(error).context(format!("writing map {map}")),
+        })
+    }
+
+    fn write_batch(&mut self, writes: &[&Write]) -> Result<(), (usize, anyhow::Error)> {
+        self.batch(writes)
+    }
+
+    /// Large batches each get a thread: the kernel's per-entry work is most of a cold start's
+    /// map writing, and a map's locks are per bucket.
+    fn write_batches(&mut self, batches: &[&[&Write]]) -> Vec<Vec<(usize, anyhow::Error)>> {
+        let this = &*self;
+        let large = batches.iter().filter(|b| b.len() >= PARALLEL_BATCH).count();
+        if large < 2 {
+            return batches
+                .iter()
+                .map(|writes| write_past_failures(writes, |rest| this.batch(rest)))
+                .collect();
+        }
+        std::thread::scope(|scope| {
+            let running: Vec<_> = batches
+                .iter()
+                .map(|writes| {
+                    scope.spawn(move || write_past_failures(writes, |rest| this.batch(rest)))
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|thread| thread.join().expect("a map-writing thread panicked"))
+                .collect()
+        })
     }
 
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
