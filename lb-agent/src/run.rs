@@ -7,8 +7,6 @@
 //! retries failed frontends and repairs drift.
 
 use std::{
-    collections::BTreeMap,
-    path::Path,
     pin::pin,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -28,9 +26,9 @@ use crate::{
     dataplane::{ApplyReport, Dataplane, MapStore, bpf, reconcile::Reconciler},
     health::{self, Health},
     metrics::{Metrics, SyncPhases},
-    model::{Cluster, NodeContext, ObjectRef},
+    model::{Cluster, NodeContext},
     source::{
-        Batch, kube as kube_source,
+        Batch, Origins, kube as kube_source,
         manifest::{self, ManifestSource},
     },
 };
@@ -39,10 +37,21 @@ use crate::{
 const MAX_BATCH: usize = 10_000;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    // One malloc arena for every thread: the map-writing threads of a large sync would otherwise
-    // each keep an arena of their own, which malloc_trim does not shrink back.
+    // A few malloc arenas, not glibc's eight per core: the main thread's, inotify's, and two for
+    // the short-lived threads of a large sync (parsing, map writing), which would otherwise
+    // contend for a lock (two arenas made parsing on two threads slower than on one).
     // SAFETY: mallopt only sets an allocator parameter, before any other thread exists.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 4) };
+    // Large buffers (a file's text, a sync's lists) always in mappings of their own, returned
+    // whole when freed; glibc would otherwise raise this threshold after the first such free and
+    // put the next ones in the heap, among long-lived objects that keep its pages.
+    // SAFETY: as above.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
+    // Setting that fixes the trim threshold too, at 128 KiB: the heap would shrink and grow back
+    // at every few frees of a large sync (page faults all the way). Memory is handed back after
+    // each sync instead (`release_freed_memory`).
+    // SAFETY: as above.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20) };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -56,12 +65,13 @@ const CHANNEL: usize = 1024;
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // The source first: a wrong --manifests or kubeconfig fails before the datapath is touched.
     let (tx, rx) = mpsc::channel(CHANNEL);
+    let mut origins = None;
     let source: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &args.manifests {
-        Some(path) => Box::pin(manifest::follow(
-            ManifestSource::new(path, args.node_name.as_deref())?,
-            args.poll_interval,
-            tx,
-        )),
+        Some(path) => {
+            let source = ManifestSource::new(path, args.node_name.as_deref())?;
+            origins = Some(source.origins());
+            Box::pin(manifest::follow(source, args.poll_interval, tx))
+        }
         None => {
             let client = kube_source::client(args.kubeconfig.as_deref()).await?;
             info!(
@@ -106,7 +116,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = pin!(shutdown_signal()?);
     let reconciler = Reconciler::new(dataplane);
     reconcile(
-        rx,
+        Feed {
+            batches: rx,
+            origins,
+        },
         reconciler,
         node,
         &health,
@@ -121,6 +134,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
          (`lb-agent reset` removes it)"
     );
     Ok(())
+}
+
+/// What the source gives the reconcile loop: its batches, and (manifests) where each object is
+/// defined.
+struct Feed {
+    batches: mpsc::Receiver<Batch>,
+    origins: Option<Origins>,
 }
 
 fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
@@ -156,7 +176,7 @@ fn relay_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow
 /// write failed are retried on their backoff timer, and every `resync_interval` the maps are
 /// compared with the wanted state and repaired.
 async fn reconcile<S: MapStore>(
-    mut rx: mpsc::Receiver<Batch>,
+    feed: Feed,
     mut reconciler: Reconciler<S>,
     node: NodeContext,
     health: &Health,
@@ -164,8 +184,11 @@ async fn reconcile<S: MapStore>(
     resync_interval: Duration,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
+    let Feed {
+        batches: mut rx,
+        origins,
+    } = feed;
     let mut cluster = Cluster::new(node);
-    let mut origins: BTreeMap<ObjectRef, Arc<Path>> = BTreeMap::new();
     let mut synced = false;
     let mut programmed = false;
     let mut resync = interval_at(
@@ -208,12 +231,6 @@ async fn reconcile<S: MapStore>(
                     if let Some(r) = batch.read {
                         read = Some(read.unwrap_or_default() + r);
                     }
-                    for (object, origin) in batch.origins {
-                        match origin {
-                            Some(path) => drop(origins.insert(object, path)),
-                            None => drop(origins.remove(&object)),
-                        }
-                    }
                     for event in batch.events {
                         cluster.apply(event);
                     }
@@ -225,7 +242,7 @@ async fn reconcile<S: MapStore>(
                 let sync = cluster.sync();
                 let model = started.elapsed();
                 for problem in &sync.problems {
-                    match origins.get(&problem.object) {
+                    match origins.as_ref().and_then(|o| o.of(&problem.object)) {
                         Some(file) => warn!("{}: {problem}", file.display()),
                         None => warn!("{problem}"),
                     }
@@ -256,7 +273,6 @@ async fn reconcile<S: MapStore>(
                     // The sync's copy of every frontend goes first, so that compacting can
                     // return whole pages.
                     drop(sync);
-                    origins = origins.clone();
                     cluster.compact();
                     reconciler.dataplane_mut().compact();
                     release_freed_memory();
@@ -379,7 +395,10 @@ mod tests {
                 });
                 let node = NodeContext::default();
                 reconcile(
-                    rx,
+                    Feed {
+                        batches: rx,
+                        origins: None,
+                    },
                     reconciler,
                     node,
                     &health,

@@ -50,7 +50,7 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use super::Batch;
+use super::{Batch, Origins};
 use crate::{
     model::{Event, ObjectRef, ServiceInput, ServiceKey, SliceInput},
     source::kube::node_zone,
@@ -116,6 +116,12 @@ impl Fingerprint {
     }
 }
 
+/// A file parsed: its objects (`None` when it does not parse) and its errors.
+type Parsed = (Option<Vec<(ObjectRef, Read)>>, Vec<ManifestError>);
+
+/// Text beyond which the files read in one poll are parsed on two threads.
+const PARALLEL_PARSE_BYTES: usize = 1 << 20;
+
 /// A digest of an [`Object`]: equal digests, the same object (to 1 in 2^64).
 type Digest = u64;
 
@@ -152,7 +158,6 @@ struct File {
 #[derive(Debug, Default)]
 pub struct Poll {
     pub events: Vec<Event>,
-    pub origins: BTreeMap<ObjectRef, Option<Arc<Path>>>,
     pub errors: Vec<ManifestError>,
     /// Files read in this poll.
     pub files_read: usize,
@@ -169,7 +174,7 @@ pub struct ManifestSource {
     files: BTreeMap<Arc<Path>, File>,
     /// Which files define each object, in name order: the last one wins (like repeated
     /// `kubectl apply`).
-    defined_in: BTreeMap<ObjectRef, Vec<Arc<Path>>>,
+    defined_in: Origins,
     /// The last listing error, reported once until it changes.
     listing_failure: Option<String>,
 }
@@ -187,7 +192,7 @@ impl ManifestSource {
             root: root.to_owned(),
             node_name: node_name.map(str::to_owned),
             files: BTreeMap::new(),
-            defined_in: BTreeMap::new(),
+            defined_in: Origins::default(),
             listing_failure: None,
         })
     }
@@ -222,7 +227,13 @@ impl ManifestSource {
         for file in self.files.values_mut() {
             file.objects = file.objects.clone();
         }
-        self.defined_in = self.defined_in.clone();
+        let mut defined_in = self.defined_in.lock();
+        *defined_in = defined_in.clone();
+    }
+
+    /// Which files define each object, for messages about it.
+    pub fn origins(&self) -> Origins {
+        self.defined_in.clone()
     }
 
     /// The manifest file or directory.
@@ -279,6 +290,9 @@ impl ManifestSource {
             self.files.remove(&path);
         }
 
+        // The text of every file due, read in name order, then parsed (on both cores when there
+        // is much of it) and applied in name order.
+        let mut texts: Vec<(Arc<Path>, String)> = Vec::new();
         for path in paths {
             // A file removed between listing and stat simply drops out at the next poll.
             let Ok(meta) = fs::metadata(&path) else {
@@ -331,8 +345,8 @@ impl ManifestSource {
             file.ever_read = true;
             poll.files_read += 1;
             // Not text: like a file that does not parse, it keeps what it defined.
-            let text = match text_of(bytes) {
-                Ok(text) => text,
+            match text_of(bytes) {
+                Ok(text) => texts.push((path, text)),
                 Err(message) => {
                     let consequence = if file.objects.is_empty() {
                         "nothing in it is used until it is text"
@@ -341,14 +355,18 @@ impl ManifestSource {
                     };
                     poll.errors
                         .push(file_error(&path, format!("{message}; {consequence}")));
-                    continue;
                 }
-            };
+            }
+        }
+
+        let parsed = self.parse_all(&texts);
+        drop(texts);
+        for (path, (objects, mut errors)) in parsed {
+            poll.errors.append(&mut errors);
             // A file that does not parse keeps what it defined: nothing changes.
-            let Some(objects) = parse_file(&path, &text, &file.objects, &mut poll.errors) else {
+            let Some(objects) = objects else {
                 continue;
             };
-            drop(text);
             let mut by_key = BTreeMap::new();
             for (key, object) in objects {
                 if by_key.insert(key.clone(), object).is_some() {
@@ -367,10 +385,46 @@ impl ManifestSource {
         poll
     }
 
+    /// Parses the files' texts, each with its objects (`None`: it does not parse) and its errors,
+    /// in the order given. Much text is split between two threads by size: parsing is most of a
+    /// cold start from manifests.
+    fn parse_all(&self, texts: &[(Arc<Path>, String)]) -> Vec<(Arc<Path>, Parsed)> {
+        let parse = |(path, text): &(Arc<Path>, String)| {
+            let previous = self.files.get(path).map(|f| &f.objects);
+            let empty = BTreeMap::new();
+            let mut errors = Vec::new();
+            let objects = parse_file(path, text, previous.unwrap_or(&empty), &mut errors);
+            (path.clone(), (objects, errors))
+        };
+        let total: usize = texts.iter().map(|(_, t)| t.len()).sum();
+        if texts.len() < 2 || total < PARALLEL_PARSE_BYTES {
+            return texts.iter().map(parse).collect();
+        }
+        // The first files up to half the text on a thread of their own; the rest here.
+        let mut half = 0;
+        let split = texts
+            .iter()
+            .position(|(_, t)| {
+                half += t.len();
+                half >= total / 2
+            })
+            .map_or(texts.len(), |i| i + 1)
+            .min(texts.len() - 1);
+        let (first, second) = texts.split_at(split);
+        std::thread::scope(|scope| {
+            let first = scope.spawn(|| first.iter().map(parse).collect::<Vec<_>>());
+            let second: Vec<_> = second.iter().map(parse).collect();
+            let mut all = first.join().expect("a parsing thread panicked");
+            all.extend(second);
+            all
+        })
+    }
+
     /// The file whose version of `key` is in effect (the last in name order), and its digest.
     fn effective(&self, key: &ObjectRef) -> Option<(&Arc<Path>, Digest)> {
-        let path = self.defined_in.get(key)?.last()?;
-        Some((path, *self.files.get(path)?.objects.get(key)?))
+        let path = self.defined_in.of(key)?;
+        let (path, file) = self.files.get_key_value(&path)?;
+        Some((path, *file.objects.get(key)?))
     }
 
     /// Sets what `path` defines, and adds an event for every object whose effective version
@@ -404,8 +458,9 @@ impl ManifestSource {
             .iter()
             .map(|k| self.effective(k).map(|(_, d)| d))
             .collect();
+        let mut defined_in = self.defined_in.lock();
         for key in &keys {
-            let files = self.defined_in.entry(key.clone()).or_default();
+            let files = defined_in.entry(key.clone()).or_default();
             let at = files.binary_search_by(|p| p.as_ref().cmp(path.as_ref()));
             match (digests.contains_key(key), at) {
                 (true, Err(at)) => files.insert(at, path.clone()),
@@ -413,13 +468,10 @@ impl ManifestSource {
                 _ => {}
             }
             if files.is_empty() {
-                self.defined_in.remove(key);
+                defined_in.remove(key);
             }
         }
-        for (key, files) in digests
-            .keys()
-            .filter_map(|k| Some((k, self.defined_in.get(k)?)))
-        {
+        for (key, files) in digests.keys().filter_map(|k| Some((k, defined_in.get(k)?))) {
             if let [.., earlier, last] = files.as_slice() {
                 let other = if last == path { earlier } else { last };
                 let using = if last == path {
@@ -435,6 +487,7 @@ impl ManifestSource {
                 });
             }
         }
+        drop(defined_in);
         self.files.entry(path.clone()).or_default().objects = digests;
         for (key, before) in keys.into_iter().zip(before) {
             let after = self.effective(&key).map(|(p, d)| (p.clone(), d));
@@ -458,7 +511,6 @@ impl ManifestSource {
             if let Some(event) = self.event(&key, object) {
                 poll.events.push(event);
             }
-            poll.origins.insert(key, after.map(|(p, _)| p));
         }
     }
 
@@ -493,7 +545,6 @@ impl ManifestSource {
                         if let Some(event) = event(self.node_name.as_deref(), &key, Some(object)) {
                             poll.events.push(event);
                         }
-                        poll.origins.insert(key, Some(path.clone()));
                     }
                     None => {
                         warn!(
@@ -587,7 +638,6 @@ pub async fn follow(mut source: ManifestSource, poll_interval: Duration, tx: mps
         }
         let batch = Batch {
             events: poll.events,
-            origins: poll.origins,
             synced,
             read: Some(read),
         };
@@ -966,12 +1016,13 @@ mod tests {
         write(dir, "b.yml", &list);
         write(dir, ".b.yml.swp", "junk: [");
         write(dir, "notes.txt", "junk: [");
-        let poll = ManifestSource::new(dir, None).unwrap().poll();
+        let mut source = ManifestSource::new(dir, None).unwrap();
+        let poll = source.poll();
         assert_eq!(events(&poll), ["+Service shop/web", "+Service default/api"]);
         assert!(poll.errors.is_empty(), "{:?}", poll.errors);
         assert!(poll.complete);
         assert_eq!(
-            poll.origins[&web_ref()].as_deref(),
+            source.origins().of(&web_ref()).as_deref(),
             Some(dir.join("a.yaml").as_path())
         );
     }
@@ -1039,7 +1090,7 @@ mod tests {
         fs::remove_file(dir.join("a.yaml")).unwrap();
         let poll = source.poll();
         assert_eq!(events(&poll), ["-Service default/api", "-Service shop/web"]);
-        assert_eq!(poll.origins[&web_ref()], None);
+        assert_eq!(source.origins().of(&web_ref()), None);
     }
 
     #[test]
@@ -1066,7 +1117,7 @@ mod tests {
         let poll = source.poll();
         assert!(!port(&poll), "a.yaml's port 80 is back: {:?}", poll.events);
         assert_eq!(
-            poll.origins[&web_ref()].as_deref(),
+            source.origins().of(&web_ref()).as_deref(),
             Some(dir.join("a.yaml").as_path())
         );
 

@@ -6,7 +6,12 @@
 pub mod kube;
 pub mod manifest;
 
-use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use crate::model::{Event, ObjectRef};
 
@@ -14,13 +19,28 @@ use crate::model::{Event, ObjectRef};
 #[derive(Debug, Default)]
 pub struct Batch {
     pub events: Vec<Event>,
-    /// Where the objects named here are now defined (`None`: nowhere any more), so the model's
-    /// problems about them can name the file. The Kubernetes API sends none.
-    pub origins: BTreeMap<ObjectRef, Option<Arc<Path>>>,
     /// The source has read a complete view once (every list done; every file read): from here
     /// on the model may be programmed.
     pub synced: bool,
     /// Set when this batch is a read of the manifests, with the time it took: every read is
     /// logged as a sync, even one that changes nothing.
     pub read: Option<Duration>,
+}
+
+/// Which manifest files define each object, in name order (the last one's version is in effect).
+/// The manifest source keeps it; the reconcile loop reads it to name the file in messages about an
+/// object. One map, shared, rather than a copy in each.
+#[derive(Clone, Default)]
+pub struct Origins(Arc<Mutex<BTreeMap<ObjectRef, Vec<Arc<Path>>>>>);
+
+impl Origins {
+    /// The file whose version of `object` is in effect.
+    pub fn of(&self, object: &ObjectRef) -> Option<Arc<Path>> {
+        self.lock().get(object)?.last().cloned()
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ObjectRef, Vec<Arc<Path>>>> {
+        // Nothing panics while holding it; a poisoned map is still a valid one.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
