@@ -371,7 +371,7 @@ mod tests {
     }
 
     fn web() -> Event {
-        let svc: Service = serde_yaml::from_str(
+        let svc: Service = yaml_serde::from_str(
             "metadata: {name: web, namespace: shop}\n\
              spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}",
         )

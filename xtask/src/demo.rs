@@ -12,11 +12,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize as _;
-use serde_yaml::Value;
 use xtask::testbed::{
     PodSpec, Resolv, Testbed, clients,
     probe::{Attempt, now_us},
 };
+use yaml_serde::Value;
 
 const EXAMPLE: &str = "web.yaml";
 const WEB: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 10), 80);
@@ -239,13 +239,13 @@ fn one(tb: &Testbed, target: (Ipv4Addr, u16)) -> anyhow::Result<Attempt> {
 fn scale(example: &str, replicas: u8) -> anyhow::Result<String> {
     let mut out = String::new();
     let mut found = false;
-    for document in serde_yaml::Deserializer::from_str(example) {
+    for document in yaml_serde::Deserializer::from_str(example) {
         let mut doc = Value::deserialize(document)?;
         if doc.get("kind").and_then(Value::as_str) == Some("EndpointSlice") {
             found = true;
             let endpoints: Vec<Value> = (1..=replicas)
                 .map(|i| {
-                    serde_yaml::from_str(&format!(
+                    yaml_serde::from_str(&format!(
                         "{{addresses: [10.244.1.{i}], conditions: {{ready: true}}, \
                          targetRef: {{kind: Pod, namespace: demo, name: web-{i}}}}}"
                     ))
@@ -254,7 +254,7 @@ fn scale(example: &str, replicas: u8) -> anyhow::Result<String> {
             doc["endpoints"] = Value::Sequence(endpoints);
         }
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&doc)?);
+        out.push_str(&yaml_serde::to_string(&doc)?);
     }
     if !found {
         bail!("{EXAMPLE} has no EndpointSlice to scale");

@@ -145,5 +145,5 @@ pub fn documents(docs: &[String]) -> String {
 }
 
 fn to_yaml(value: Value) -> String {
-    serde_yaml::to_string(&value).expect("JSON values serialize as YAML")
+    yaml_serde::to_string(&value).expect("JSON values serialize as YAML")
 }

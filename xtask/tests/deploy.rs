@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Command};
 
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 fn deploy(file: &str) -> Vec<Value> {
     use serde::Deserialize as _;
@@ -11,7 +11,7 @@ fn deploy(file: &str) -> Vec<Value> {
         .join("../deploy")
         .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_serde::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{file}: {e}")))
         .filter(|v| !v.is_null())
         .collect()

@@ -602,7 +602,7 @@ fn node(name: &str, zone: &str) -> Value {
 /// The documents of a multi-document YAML text, as the JSON an API server sends.
 fn objects(yaml: &str) -> anyhow::Result<Vec<Value>> {
     use serde::Deserialize as _;
-    serde_yaml::Deserializer::from_str(yaml)
+    yaml_serde::Deserializer::from_str(yaml)
         .map(|doc| Ok(Value::deserialize(doc)?))
         .filter(|v: &anyhow::Result<Value>| v.as_ref().map_or(true, |v| !v.is_null()))
         .collect()

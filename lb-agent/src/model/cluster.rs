@@ -471,7 +471,7 @@ mod tests {
     use super::*;
 
     fn svc(name: &str, ip: &str) -> ServiceInput {
-        let svc: Service = serde_yaml::from_str(&format!(
+        let svc: Service = yaml_serde::from_str(&format!(
             "metadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"
         ))
         .unwrap();
@@ -483,7 +483,7 @@ mod tests {
             .iter()
             .map(|ip| format!("{{addresses: [{ip}]}}"))
             .collect();
-        let slice: EndpointSlice = serde_yaml::from_str(&format!(
+        let slice: EndpointSlice = yaml_serde::from_str(&format!(
             "metadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {service}}}}}\n\
              addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]",
             endpoints.join(",")

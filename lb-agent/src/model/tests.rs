@@ -13,7 +13,7 @@ use super::{NodeContext, translate};
 #[serde(deny_unknown_fields)]
 struct Case {
     name: String,
-    objects: Vec<serde_yaml::Value>,
+    objects: Vec<yaml_serde::Value>,
     #[serde(default)]
     expect: BTreeMap<String, ExpectedFrontend>,
     #[serde(default)]
@@ -40,7 +40,7 @@ struct ExpectedFrontend {
 
 #[test]
 fn translate_table() {
-    let cases: Vec<Case> = serde_yaml::from_str(include_str!("testdata/translate.yaml"))
+    let cases: Vec<Case> = yaml_serde::from_str(include_str!("testdata/translate.yaml"))
         .expect("testdata/translate.yaml parses");
     assert!(cases.len() >= 10, "the table lost its cases");
 
@@ -51,11 +51,11 @@ fn translate_table() {
         for object in &case.objects {
             match object["kind"].as_str() {
                 Some("Service") => services.push(
-                    serde_yaml::from_value::<Service>(object.clone())
+                    yaml_serde::from_value::<Service>(object.clone())
                         .unwrap_or_else(|e| panic!("{}: bad Service in case: {e}", case.name)),
                 ),
                 Some("EndpointSlice") => slices.push(
-                    serde_yaml::from_value::<EndpointSlice>(object.clone())
+                    yaml_serde::from_value::<EndpointSlice>(object.clone())
                         .unwrap_or_else(|e| panic!("{}: bad slice in case: {e}", case.name)),
                 ),
                 other => panic!("{}: unexpected kind {other:?}", case.name),
@@ -113,7 +113,7 @@ fn translate_table() {
 
 #[test]
 fn problems_say_what_is_wrong() {
-    let svc: Service = serde_yaml::from_str(
+    let svc: Service = yaml_serde::from_str(
         "metadata: {name: web, namespace: shop}\n\
          spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 70000}]}",
     )
@@ -127,7 +127,7 @@ fn problems_say_what_is_wrong() {
 
 #[test]
 fn too_large_slice_is_skipped_and_the_rest_of_the_service_kept() {
-    let svc: Service = serde_yaml::from_str(
+    let svc: Service = yaml_serde::from_str(
         "metadata: {name: web, namespace: shop}\n\
          spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}",
     )
@@ -136,7 +136,7 @@ fn too_large_slice_is_skipped_and_the_rest_of_the_service_kept() {
         let endpoints: Vec<String> = (0..count)
             .map(|i| format!("{{addresses: [10.{}.{}.1]}}", i / 256, i % 256))
             .collect();
-        serde_yaml::from_str(&format!(
+        yaml_serde::from_str(&format!(
             "metadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
              addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]",
             endpoints.join(",")
@@ -187,10 +187,10 @@ fn real_api_server_objects_per_node() {
         "the capture changed"
     );
 
-    let mut expected: serde_yaml::Value =
-        serde_yaml::from_str(include_str!("testdata/fixtures.yaml")).unwrap();
+    let mut expected: yaml_serde::Value =
+        yaml_serde::from_str(include_str!("testdata/fixtures.yaml")).unwrap();
     expected.apply_merge().unwrap(); // the file shares entries with `<<: *common`
-    let expected: Expected = serde_yaml::from_value(expected).unwrap();
+    let expected: Expected = yaml_serde::from_value(expected).unwrap();
     for case in expected.nodes {
         let node = NodeContext {
             name: case.node.name.clone(),

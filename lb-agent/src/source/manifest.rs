@@ -43,12 +43,12 @@ use notify::{
     event::{ModifyKind, RenameMode},
 };
 use serde::Deserialize as _;
-use serde_yaml::Value;
 use tokio::{
     sync::{Notify, mpsc},
     time::{MissedTickBehavior, interval},
 };
 use tracing::{debug, error, info, warn};
+use yaml_serde::Value;
 
 use super::{Batch, Origins};
 use crate::{
@@ -723,7 +723,7 @@ fn parse_file(
     // never exists as a tree of YAML values all at once.
     let mut objects = Vec::new();
     let mut file_errors = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let value = match Value::deserialize(document) {
             Ok(value) => value,
             Err(e) => {
@@ -1003,7 +1003,7 @@ mod tests {
         let dir = tmp.path();
         let list = format!(
             "apiVersion: v1\nkind: List\nitems:\n- {}\n",
-            serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(API).unwrap())
+            serde_json::to_string(&yaml_serde::from_str::<serde_json::Value>(API).unwrap())
                 .unwrap()
         );
         write(

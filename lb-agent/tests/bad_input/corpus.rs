@@ -369,7 +369,7 @@ fn generate_bytes(spec: &str) -> Result<Vec<u8>, String> {
 /// kinds are left out: the agent watches only those three.
 pub fn api_objects(text: &str) -> Result<Vec<Value>, String> {
     let mut out = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
+    for document in yaml_serde::Deserializer::from_str(text) {
         let value = Value::deserialize(document).map_err(|e| format!("not YAML for JSON: {e}"))?;
         let items = match value["kind"].as_str() {
             Some("List") => value["items"].as_array().cloned().unwrap_or_default(),
