@@ -239,7 +239,7 @@ async fn reconcile<S: MapStore>(
                     continue;
                 }
                 let started = Instant::now();
-                let sync = cluster.sync();
+                let sync = if programmed { cluster.sync() } else { cluster.sync_all() };
                 let model = started.elapsed();
                 for problem in &sync.problems {
                     match origins.as_ref().and_then(|o| o.of(&problem.object)) {

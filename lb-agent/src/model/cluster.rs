@@ -14,6 +14,9 @@ use super::{
     service::ServiceInput,
 };
 
+/// Services recomputed in one sync beyond which the work is split between two threads.
+const PARALLEL_SERVICES: usize = 2048;
+
 /// A Service's frontends and their programming, in the order computed.
 type Results = Vec<(Frontend, FrontendState)>;
 
@@ -243,6 +246,17 @@ impl Cluster {
 
     /// Recomputes the Services touched since the last sync.
     pub fn sync(&mut self) -> Sync {
+        self.recompute(true)
+    }
+
+    /// [`sync`](Self::sync) without the list of changed frontends: for the first programming of
+    /// the maps, which reads every frontend from the model anyway (at 10 000 Services the list
+    /// would be a copy of all of them).
+    pub fn sync_all(&mut self) -> Sync {
+        self.recompute(false)
+    }
+
+    fn recompute(&mut self, list_changes: bool) -> Sync {
         let dirty = std::mem::take(&mut self.dirty);
         let mut out = Sync {
             services: dirty.len(),
@@ -250,17 +264,26 @@ impl Cluster {
         };
         self.report_orphans(&mut out.problems);
 
-        // The dirty Services' new results, computed before anything changes.
-        let results: Vec<(ServiceKey, Option<Results>)> = dirty
-            .iter()
-            .map(|key| {
-                let frontends = self
-                    .services
-                    .get(key)
-                    .map(|svc| self.translate_service(svc, &mut out.problems));
-                (key.clone(), frontends)
-            })
-            .collect();
+        // The dirty Services' new results, computed before anything changes: on two threads
+        // when there are many (a cold start), each Service's alone being pure.
+        let dirty_keys: Vec<&ServiceKey> = dirty.iter().collect();
+        let results = if dirty_keys.len() >= PARALLEL_SERVICES {
+            let (first, second) = dirty_keys.split_at(dirty_keys.len() / 2);
+            let (mut results, problems, second) = std::thread::scope(|scope| {
+                let first = scope.spawn(|| self.translate_services(first));
+                let second = self.translate_services(second);
+                let (results, problems) = first.join().expect("a model thread panicked");
+                (results, problems, second)
+            });
+            out.problems.extend(problems);
+            results.extend(second.0);
+            out.problems.extend(second.1);
+            results
+        } else {
+            let (results, problems) = self.translate_services(&dirty_keys);
+            out.problems.extend(problems);
+            results
+        };
         // Every frontend they had or have, and what it was.
         let mut affected: BTreeSet<Frontend> = BTreeSet::new();
         for (key, frontends) in &results {
@@ -270,7 +293,7 @@ impl Cluster {
         }
         let before: Vec<(Frontend, Option<FrontendState>)> = affected
             .into_iter()
-            .map(|f| (f, self.output(&f).cloned()))
+            .map(|f| (f, list_changes.then(|| self.output(&f).cloned()).flatten()))
             .collect();
 
         for (key, frontends) in results {
@@ -313,7 +336,7 @@ impl Cluster {
                 }
             }
             let new = self.output(&frontend);
-            if new != old.as_ref() {
+            if list_changes && new != old.as_ref() {
                 out.changed.insert(frontend, new.cloned());
             }
         }
@@ -374,6 +397,25 @@ impl Cluster {
         let owner = self.claims.get(frontend)?.first()?;
         let results = self.computed.get(owner)?;
         results.iter().find(|(f, _)| f == frontend).map(|(_, s)| s)
+    }
+
+    /// The frontends of each Service (`None`: it is gone), and their problems.
+    fn translate_services(
+        &self,
+        keys: &[&ServiceKey],
+    ) -> (Vec<(ServiceKey, Option<Results>)>, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let results = keys
+            .iter()
+            .map(|key| {
+                let frontends = self
+                    .services
+                    .get(*key)
+                    .map(|svc| self.translate_service(svc, &mut problems));
+                ((*key).clone(), frontends)
+            })
+            .collect();
+        (results, problems)
     }
 
     fn translate_service(&self, svc: &ServiceInput, problems: &mut Vec<Problem>) -> Results {
