@@ -17,7 +17,7 @@ mod corpus;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use corpus::{Case, Frontends, Good};
@@ -105,27 +105,22 @@ fn check_start(good: &Good, errors: &[String], start: &Frontends) -> Result<(), 
 // --- Manifest files.
 
 /// A directory of its own under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("lb-bad-input-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("lb-bad-input-{name}-"))
+            .tempdir()
+            .unwrap();
         Self(dir)
     }
 
     /// Writes atomically, as the README asks: a dot-file renamed into place.
     fn write(&self, name: &str, content: &[u8]) {
-        let tmp = self.0.join(format!(".{name}.tmp"));
+        let tmp = self.0.path().join(format!(".{name}.tmp"));
         fs::write(&tmp, content).unwrap();
-        fs::rename(tmp, self.0.join(name)).unwrap();
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        fs::rename(tmp, self.0.path().join(name)).unwrap();
     }
 }
 
@@ -135,7 +130,7 @@ fn through_manifests(good: &Good, case: &Case) -> Result<Outcome, String> {
     if let Some(before) = &case.before {
         dir.write(&case.file_name(), before.as_bytes());
     }
-    let mut source = ManifestSource::new(&dir.0, None).map_err(|e| format!("{e:#}"))?;
+    let mut source = ManifestSource::new(dir.0.path(), None).map_err(|e| format!("{e:#}"))?;
     let mut cluster = Cluster::new(NodeContext::default());
     let poll = source.poll();
     let mut errors: Vec<String> = poll.errors.iter().map(ToString::to_string).collect();

@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    DesiredFrontends, DesiredState, Frontend, FrontendState, NodeContext, ObjectRef, Problem,
-    SERVICE_NAME_LABEL, ServicePortName,
+    DesiredFrontends, Frontend, FrontendState, NodeContext, ObjectRef, Problem, SERVICE_NAME_LABEL,
+    ServicePortName,
     endpoints::{ServiceEndpoints, SliceInput},
     service::ServiceInput,
 };
@@ -92,15 +92,15 @@ impl Cluster {
         }
     }
 
-    /// Every frontend as of the last [`sync`](Self::sync), gathered from the per-Service
-    /// results (the model keeps no second copy).
-    pub fn state(&self) -> DesiredState {
+    /// Every frontend as of the last [`sync`](Self::sync), as one copy, for tests to compare
+    /// (the agent reads the model through [`DesiredFrontends`], without copying it).
+    pub fn state(&self) -> super::DesiredState {
         let frontends = self
             .claims
             .keys()
             .filter_map(|f| Some((*f, self.output(f)?.clone())))
             .collect();
-        DesiredState { frontends }
+        super::DesiredState { frontends }
     }
 
     /// Re-allocates everything the model keeps, after a large sync: the copies fill the holes the
