@@ -173,6 +173,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
                 "--bins",
                 "--test",
                 "deploy",
+                // The bad-input corpus through both sources (lb-agent/tests/bad_input/).
+                "--test",
+                "bad_input",
             ],
         ),
         (
