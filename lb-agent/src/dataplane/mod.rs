@@ -148,6 +148,8 @@ pub fn write_past_failures(
         let Err((at, error)) = write_batch(&writes[start..]) else {
             break;
         };
+        // A store that names no write in range blames the first one not yet made.
+        let at = if start + at < writes.len() { at } else { 0 };
         failures.push((start + at, error));
         start += at + 1;
     }

@@ -862,3 +862,21 @@ mod reconciler {
         );
     }
 }
+
+#[test]
+fn a_batch_error_that_names_no_write_blames_the_first_and_the_rest_go_on() {
+    let write = Write::DeleteName(1);
+    let writes = [&write, &write, &write];
+    let mut calls = 0;
+    // The first call fails before any entry (a kernel that leaves the count as given); the
+    // second makes the rest.
+    let failures = write_past_failures(&writes, |rest| {
+        calls += 1;
+        match calls {
+            1 => Err((rest.len(), anyhow::anyhow!("not permitted"))),
+            _ => Ok(()),
+        }
+    });
+    let blamed: Vec<usize> = failures.iter().map(|(at, _)| *at).collect();
+    assert_eq!((blamed, calls), (vec![0], 2));
+}

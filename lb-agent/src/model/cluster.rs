@@ -81,7 +81,7 @@ pub struct Cluster {
     dirty: BTreeSet<ServiceKey>,
     /// Slices added or changed since the last sync that name a Service: reported at the sync if
     /// that Service does not exist.
-    fresh_slices: Vec<(String, String)>,
+    fresh_slices: BTreeSet<(String, String)>,
 }
 
 impl Cluster {
@@ -162,7 +162,7 @@ impl Cluster {
                 &id.1,
             );
             self.dirty.insert(owner.clone());
-            self.fresh_slices.push(id.clone());
+            self.fresh_slices.insert(id.clone());
         }
         self.slices.insert(id, input);
     }

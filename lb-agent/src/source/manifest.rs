@@ -247,9 +247,10 @@ impl ManifestSource {
         self.poll_files(None)
     }
 
-    /// A poll woken by a change notification, which may come in the middle of a write: files
-    /// replaced by another inode, and new files in `moved_in` (renamed into place), are read at
-    /// once; a file written in place only counts as held still at the next timed [`poll`].
+    /// A poll woken by a change notification, which may come in the middle of an edit: only the
+    /// files named in `moved_in` (file names, renamed into place: complete) are read. Everything
+    /// else (a file written in place, a new file still being written, a file gone, perhaps only
+    /// for the moment an editor renames its backup) waits for the next timed [`poll`].
     ///
     /// [`poll`]: Self::poll
     pub fn poll_changes(&mut self, moved_in: &BTreeSet<PathBuf>) -> Poll {
@@ -276,12 +277,13 @@ impl ManifestSource {
         // Objects whose version now comes from a file other than the one being read.
         let mut read_back = Vec::new();
 
-        // Files gone: what they defined goes too (unless another file defines it).
+        // Files gone: what they defined goes too (unless another file defines it). Only timed
+        // polls look: an editor may have renamed the file away for a moment.
         let listed: BTreeSet<&Path> = paths.iter().map(PathBuf::as_path).collect();
         let gone: Vec<Arc<Path>> = self
             .files
             .keys()
-            .filter(|p| !listed.contains(p.as_ref()))
+            .filter(|p| moved_in.is_none() && !listed.contains(p.as_ref()))
             .cloned()
             .collect();
         for path in gone {
@@ -304,13 +306,15 @@ impl ManifestSource {
                 None => path.into(),
             };
             let file = self.files.entry(path.clone()).or_default();
-            let due = match (file.read, moved_in) {
-                (None, None) => true,
-                (None, Some(moved_in)) => moved_in.contains(path.as_ref()),
+            let renamed_in = moved_in.map(|moved_in| {
+                path.file_name()
+                    .is_some_and(|name| moved_in.contains(Path::new(name)))
+            });
+            let due = match (file.read, renamed_in) {
                 (Some(read), _) if read == now => false,
-                (Some(read), _) if read.replaced(&now) => true,
-                (Some(_), None) => file.pending == Some(now),
-                (Some(_), Some(_)) => false,
+                (_, Some(renamed_in)) => renamed_in,
+                (None, None) => true,
+                (Some(read), None) => read.replaced(&now) || file.pending == Some(now),
             };
             if !due {
                 // Only timed polls, an interval apart, tell whether a file held still.
@@ -653,7 +657,7 @@ pub async fn follow(mut source: ManifestSource, poll_interval: Duration, tx: mps
 /// What inotify reported since the last poll.
 #[derive(Default)]
 struct Changes {
-    /// Files renamed into place: complete, read at once.
+    /// Names of the files renamed into place: complete, read at once.
     moved_in: Mutex<BTreeSet<PathBuf>>,
     wake: Notify,
 }
@@ -667,10 +671,11 @@ fn watch(root: &Path, changes: Arc<Changes>) -> notify::Result<notify::Recommend
             changes.wake.notify_one();
             return;
         };
+        // By file name: notify reports absolute paths, the source lists them as given.
         if let EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) = event.kind
-            && let Some(to) = event.paths.last()
+            && let Some(name) = event.paths.last().and_then(|to| to.file_name())
         {
-            changes.moved_in.lock().unwrap().insert(to.clone());
+            changes.moved_in.lock().unwrap().insert(PathBuf::from(name));
         }
         if !matches!(event.kind, EventKind::Access(_)) {
             changes.wake.notify_one();
@@ -765,7 +770,12 @@ fn parse_file(
                 Ok(Some((key, object))) => objects.push((key, Some(object))),
                 Ok(None) => {}
                 Err((key, message)) => {
-                    let kept = key.as_ref().filter(|k| previous.contains_key(k)).cloned();
+                    // A version this file could not give back before (see `read_back`) is not
+                    // one to keep.
+                    let kept = key
+                        .as_ref()
+                        .filter(|k| previous.get(*k).is_some_and(|d| *d != UNKNOWN))
+                        .cloned();
                     let message = match kept {
                         Some(_) => format!("{message}; keeping its previous version"),
                         None => format!("{message}; skipped"),
@@ -1152,6 +1162,11 @@ mod tests {
         let poll = source.poll();
         assert_eq!(events(&poll), ["+Service default/api"]);
 
+        // While a.yaml's web does not deserialize, there is no version of it to keep: the one
+        // b.yaml dropped goes.
+        write(dir, "a.yaml", &WEB.replace("port: 80", "port: eighty"));
+        assert_eq!(events(&source.poll()), ["-Service shop/web"]);
+
         // Once a.yaml holds a good web again, it is read and web comes from it.
         write(dir, "a.yaml", &WEB.replace("port: 80", "port: 82"));
         let poll = source.poll();
@@ -1195,16 +1210,24 @@ mod tests {
 
         // Renamed into place, new name or old: read at once.
         write(dir, "b.yaml", API);
-        let moved_in = [dir.join("b.yaml")].into();
+        let moved_in = [PathBuf::from("b.yaml")].into();
         assert_eq!(
             events(&source.poll_changes(&moved_in)),
             ["+Service default/api"]
         );
         write(dir, "a.yaml", &WEB.replace("port: 80", "port: 81"));
+        let moved_in = [PathBuf::from("a.yaml")].into();
         assert_eq!(
-            events(&source.poll_changes(&BTreeSet::new())),
+            events(&source.poll_changes(&moved_in)),
             ["+Service shop/web"]
         );
+
+        // Renamed away (an editor's backup) and back: a notified poll takes nothing away; only a
+        // timed poll sees a file gone.
+        fs::rename(dir.join("b.yaml"), dir.join("b.yaml~")).unwrap();
+        assert!(source.poll_changes(&BTreeSet::new()).events.is_empty());
+        fs::rename(dir.join("b.yaml~"), dir.join("b.yaml")).unwrap();
+        assert!(source.poll().events.is_empty(), "b.yaml was back in time");
 
         // Written in place, or created and then written: maybe half-way, however many
         // notifications come; read by the timed poll once it held still.

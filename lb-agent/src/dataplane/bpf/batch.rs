@@ -148,9 +148,15 @@ fn run<K: Pod, V: Pod>(
             continue;
         }
         let error = io::Error::last_os_error();
-        // On failure attr.count says how many entries were processed before the one that failed.
+        // On failure attr.count says how many entries were processed before the one that failed,
+        // when the kernel got as far as the entries; an error before them (a bad fd, no
+        // permission, and ENOMEM before Linux 6.8) leaves it as we set it: nothing was done.
+        let processed = match attr.count {
+            n if n < count => n as usize,
+            _ => 0,
+        };
         return Err(Stopped {
-            done: done + attr.count as usize,
+            done: done + processed,
             error,
         });
     }
