@@ -69,15 +69,7 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
         };
         // SAFETY: keys and values have room for `count` entries of the map's key and value
         // sizes; the kernel writes at most that many and says how many in attr.count.
-        let result = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let error = (result != 0).then(io::Error::last_os_error);
+        let error = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         match &error {
             // A bucket holds more entries than fit: ask for more at once.
             Some(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
@@ -135,19 +127,10 @@ fn run<K: Pod, V: Pod>(
         };
         // SAFETY: attr points at key and value arrays of `count` entries that outlive the call;
         // the kernel reads them and writes only attr.count.
-        let result = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                command,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        if result == 0 {
+        let Err(error) = (unsafe { bpf(command, &mut attr) }) else {
             done += count as usize;
             continue;
-        }
-        let error = io::Error::last_os_error();
+        };
         // On failure attr.count says how many entries were processed before the one that failed,
         // when the kernel got as far as the entries; an error before them (a bad fd, no
         // permission, and ENOMEM before Linux 6.8) leaves it as we set it: nothing was done.
@@ -161,4 +144,26 @@ fn run<K: Pod, V: Pod>(
         });
     }
     Ok(())
+}
+
+/// `bpf(command, attr)`.
+///
+/// # Safety
+///
+/// The attr's key and value pointers must point at arrays of `attr.count` entries of the map's
+/// key and value sizes, valid for the call (writable for a lookup).
+unsafe fn bpf(command: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: the caller's promise; the attr itself is a valid batch attr.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    match result {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
