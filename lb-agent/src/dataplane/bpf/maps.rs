@@ -88,13 +88,14 @@ impl BpfMaps {
         fn other(write: &Write) -> ! {
             panic!("a batch mixes map ops: {write:?}")
         }
+        // An op names its family, so a backend of the other one is a bug of the same kind.
         let v4 = |b: &BackendAddr| match b {
             BackendAddr::V4(b) => *b,
-            BackendAddr::V6(_) => other(&Write::PutMember(0, *b)),
+            BackendAddr::V6(_) => panic!("an IPv6 backend in a batch for an IPv4 map: {b:?}"),
         };
         let v6 = |b: &BackendAddr| match b {
             BackendAddr::V6(b) => *b,
-            BackendAddr::V4(_) => other(&Write::PutMember(0, *b)),
+            BackendAddr::V4(_) => panic!("an IPv4 backend in a batch for an IPv6 map: {b:?}"),
         };
         match first.op() {
             MapOp::PutName => put(&self.names, NAMES_MAP, writes, |w| match w {
@@ -190,59 +191,9 @@ fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashM
 }
 
 impl MapStore for BpfMaps {
+    /// One write is a batch of one: the same map and key choice, and the same errors.
     fn write(&mut self, write: &Write) -> anyhow::Result<()> {
-        let (map, result) = match write {
-            Write::PutName(id, name) => (NAMES_MAP, self.names.insert(id, name.as_ref(), 0)),
-            Write::DeleteName(id) => (NAMES_MAP, ignore_missing(self.names.remove(id))),
-            Write::PutBackend(key, BackendAddr::V4(b)) => {
-                (BACKENDS_MAP, self.backends.insert(key, b, 0))
-            }
-            Write::PutBackend(key, BackendAddr::V6(b)) => {
-                (BACKENDS6_MAP, self.backends6.insert(key, b, 0))
-            }
-            Write::DeleteBackend(Family::V4, key) => {
-                (BACKENDS_MAP, ignore_missing(self.backends.remove(key)))
-            }
-            Write::DeleteBackend(Family::V6, key) => {
-                (BACKENDS6_MAP, ignore_missing(self.backends6.remove(key)))
-            }
-            Write::PutService(FrontendKey::V4(k), e) => {
-                (SERVICES_MAP, self.services.insert(k, e, 0))
-            }
-            Write::PutService(FrontendKey::V6(k), e) => {
-                (SERVICES6_MAP, self.services6.insert(k, e, 0))
-            }
-            Write::DeleteService(FrontendKey::V4(k)) => {
-                (SERVICES_MAP, ignore_missing(self.services.remove(k)))
-            }
-            Write::DeleteService(FrontendKey::V6(k)) => {
-                (SERVICES6_MAP, ignore_missing(self.services6.remove(k)))
-            }
-            Write::PutMember(id, BackendAddr::V4(b)) => (
-                MEMBERS_MAP,
-                self.members
-                    .insert(BackendMember4Key::new(*id, b), BackendMember::MARKER, 0),
-            ),
-            Write::PutMember(id, BackendAddr::V6(b)) => (
-                MEMBERS6_MAP,
-                self.members6
-                    .insert(BackendMember6Key::new(*id, b), BackendMember::MARKER, 0),
-            ),
-            Write::DeleteMember(id, BackendAddr::V4(b)) => (
-                MEMBERS_MAP,
-                ignore_missing(self.members.remove(&BackendMember4Key::new(*id, b))),
-            ),
-            Write::DeleteMember(id, BackendAddr::V6(b)) => (
-                MEMBERS6_MAP,
-                ignore_missing(self.members6.remove(&BackendMember6Key::new(*id, b))),
-            ),
-        };
-        result.map_err(|error| match &error {
-            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                full(map)
-            }
-            _ => anyhow::Error::new(error).context(format!("writing map {map}")),
-        })
+        self.batch(&[write]).map_err(|(_, error)| error)
     }
 
     fn write_batch(&mut self, writes: &[&Write]) -> Result<(), (usize, anyhow::Error)> {
@@ -296,13 +247,6 @@ impl MapStore for BpfMaps {
             members6: keys(&self.members6, MEMBERS6_MAP)?,
             names: all(&self.names, NAMES_MAP)?,
         })
-    }
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::SyscallError(s)) if s.io_error.kind() == ErrorKind::NotFound => Ok(()),
-        other => other,
     }
 }
 
