@@ -52,7 +52,7 @@ impl MapStore for MemStore {
                 anyhow::bail!("map full")
             }
             Write::PutName(id, n) => drop(self.names.insert(*id, **n)),
-            Write::PutBackend(k, b) => drop(self.backends.insert((family(b), *k), *b)),
+            Write::PutBackend(k, b) => drop(self.backends.insert((b.family(), *k), *b)),
             Write::PutService(k, e) => drop(self.services.insert(*k, *e)),
             Write::DeleteService(k) => drop(self.services.remove(k)),
             Write::DeleteBackend(f, k) => drop(self.backends.remove(&(*f, *k))),
@@ -100,13 +100,6 @@ fn port(key: &FrontendKey) -> u16 {
     }
 }
 
-fn family(backend: &BackendAddr) -> Family {
-    match backend {
-        BackendAddr::V4(_) => Family::V4,
-        BackendAddr::V6(_) => Family::V6,
-    }
-}
-
 impl MemStore {
     fn check_connect_view(&mut self) {
         for (frontend, entry) in &self.services {
@@ -151,7 +144,7 @@ impl MemStore {
                 let members = self.members.range((id, MIN_BACKEND)..);
                 for (_, b) in members.take_while(|m| m.0 == id) {
                     // A datagram asks its own family's member map only.
-                    if family(b) == frontend.family() && !allowed.contains(b) {
+                    if b.family() == frontend.family() && !allowed.contains(b) {
                         self.violations
                             .push(format!("port {port}: a socket may keep {b:?}"));
                     }

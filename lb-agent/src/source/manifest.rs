@@ -512,7 +512,7 @@ impl ManifestSource {
                     continue;
                 }
             };
-            if let Some(event) = self.event(&key, object) {
+            if let Some(event) = event(self.node_name.as_deref(), &key, object) {
                 poll.events.push(event);
             }
         }
@@ -563,11 +563,6 @@ impl ManifestSource {
                 }
             }
         }
-    }
-
-    /// The model event for `key` now being `object` (`None`: gone).
-    fn event(&self, key: &ObjectRef, object: Option<Object>) -> Option<Event> {
-        event(self.node_name.as_deref(), key, object)
     }
 }
 
