@@ -11,6 +11,7 @@ pub mod health;
 pub mod list;
 pub mod metrics;
 pub mod model;
+pub mod parallel;
 pub mod run;
 pub mod source;
 

@@ -38,8 +38,9 @@ const MAX_BATCH: usize = 10_000;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // A few malloc arenas, not glibc's eight per core: the main thread's, inotify's, and two for
-    // the short-lived threads of a large sync (parsing, map writing), which would otherwise
-    // contend for a lock (two arenas made parsing on two threads slower than on one).
+    // the short-lived threads of a large sync (parsing, the model, the plan, map writing), which
+    // would otherwise contend for a lock (two arenas made parsing on two threads slower than on
+    // one).
     // SAFETY: mallopt only sets an allocator parameter, before any other thread exists.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 4) };
     // Large buffers (a file's text, a sync's lists) always in mappings of their own, returned
@@ -48,10 +49,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // SAFETY: as above.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
     // Setting that fixes the trim threshold too, at 128 KiB: the heap would shrink and grow back
-    // at every few frees of a large sync (page faults all the way). Memory is handed back after
-    // each sync instead (`release_freed_memory`).
+    // at every few frees of a large sync (page faults all the way). At 4 MiB it rarely does, and
+    // the arenas of a large sync's worker threads still give back their free top, which nothing
+    // else trims (`malloc_trim`, after each sync in `release_freed_memory`, trims the main one).
     // SAFETY: as above.
-    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20) };
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20) };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

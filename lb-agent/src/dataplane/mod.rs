@@ -276,7 +276,7 @@ impl<S: MapStore> Dataplane<S> {
     /// steps: names, members and slots, then the entries.
     fn write_in_waves(&mut self, changes: &[FrontendChange]) -> BTreeMap<usize, anyhow::Error> {
         let mut failed: BTreeMap<usize, anyhow::Error> = BTreeMap::new();
-        let steps: Vec<Vec<Vec<&[Write]>>> = changes.iter().map(FrontendChange::steps).collect();
+        let steps: Vec<Vec<Vec<&[Write]>>> = crate::parallel::map(changes, FrontendChange::steps);
         let mut group_start = 0;
         while group_start < changes.len() {
             let kind = changes[group_start].kind;
@@ -323,52 +323,26 @@ impl<S: MapStore> Dataplane<S> {
         frontends: impl Iterator<Item = (&'a Frontend, Option<&'a FrontendState>)>,
         report: &mut ApplyReport,
     ) -> Wanted {
-        let mut wanted = Wanted::new();
-        for (frontend, state) in frontends {
-            let key = frontend_key(frontend);
-            let Some(state) = state else { continue };
-            // The model pairs a frontend only with backends of its family.
-            let backends: BTreeSet<BackendAddr> = state
-                .backends
-                .iter()
-                .filter_map(|b| match (b.address, key.family()) {
-                    (IpAddr::V4(a), Family::V4) => Some(BackendAddr::V4(Backend4 {
-                        address: a.octets(),
-                        port: b.port,
-                        _pad: 0,
-                    })),
-                    (IpAddr::V6(a), Family::V6) => Some(BackendAddr::V6(Backend6 {
-                        address: a.octets(),
-                        port: b.port,
-                        _pad: 0,
-                    })),
-                    _ => None,
-                })
-                .collect();
-            if backends.len() > usize::from(MAX_BACKENDS_PER_SERVICE) {
-                report.failed.push((
-                    *frontend,
-                    format!(
-                        "{} has {} backends; at most {MAX_BACKENDS_PER_SERVICE} per frontend",
-                        state.service,
-                        backends.len()
-                    ),
-                ));
-                if let Some(current) = self.programmed.get(&key) {
-                    wanted.insert(key, keep(current));
+        let frontends: Vec<(&Frontend, &FrontendState)> = frontends
+            .filter_map(|(frontend, state)| Some((frontend, state?)))
+            .collect();
+        let converted = crate::parallel::map(&frontends, |(frontend, state)| {
+            (frontend_key(frontend), wanted_frontend(frontend, state))
+        });
+        let mut wanted = Vec::with_capacity(converted.len());
+        for (key, frontend) in converted {
+            match frontend {
+                Ok(frontend) => wanted.push((key, frontend)),
+                Err(failure) => {
+                    report.failed.push(failure);
+                    if let Some(current) = self.programmed.get(&key) {
+                        wanted.push((key, keep(current)));
+                    }
                 }
-                continue;
             }
-            let service = &state.service;
-            wanted.insert(
-                key,
-                WantedFrontend {
-                    name: ServiceName::new(&service.namespace, &service.name, &service.port),
-                    backends,
-                },
-            );
         }
-        wanted
+        // Built in one go (sorted, then bulk-loaded): faster than inserting one by one.
+        wanted.into_iter().collect()
     }
 
     /// Compares the maps with what the agent wrote and brings them back to `desired`: a frontend
@@ -538,6 +512,46 @@ fn drift(wrote: Option<&ProgrammedFrontend>, found: Option<&ProgrammedFrontend>)
             Some(what.join(", "))
         }
     }
+}
+
+/// A frontend's map contents, or why it cannot be programmed.
+fn wanted_frontend(
+    frontend: &Frontend,
+    state: &FrontendState,
+) -> Result<WantedFrontend, (Frontend, String)> {
+    // The model pairs a frontend only with backends of its family.
+    let backends: BTreeSet<BackendAddr> = state
+        .backends
+        .iter()
+        .filter_map(|b| match (b.address, frontend.address) {
+            (IpAddr::V4(a), IpAddr::V4(_)) => Some(BackendAddr::V4(Backend4 {
+                address: a.octets(),
+                port: b.port,
+                _pad: 0,
+            })),
+            (IpAddr::V6(a), IpAddr::V6(_)) => Some(BackendAddr::V6(Backend6 {
+                address: a.octets(),
+                port: b.port,
+                _pad: 0,
+            })),
+            _ => None,
+        })
+        .collect();
+    if backends.len() > usize::from(MAX_BACKENDS_PER_SERVICE) {
+        return Err((
+            *frontend,
+            format!(
+                "{} has {} backends; at most {MAX_BACKENDS_PER_SERVICE} per frontend",
+                state.service,
+                backends.len()
+            ),
+        ));
+    }
+    let service = &state.service;
+    Ok(WantedFrontend {
+        name: ServiceName::new(&service.namespace, &service.name, &service.port),
+        backends,
+    })
 }
 
 /// A wanted state equal to what is programmed, so the plan leaves it alone.

@@ -4,7 +4,7 @@
 //! repairs what was changed behind the agent's back. Time is passed in, so tests drive it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     time::{Duration, Instant},
 };
 
@@ -73,8 +73,7 @@ impl<S: MapStore> Reconciler<S> {
     /// The first full view: the maps are brought to it, and what it lacks is removed.
     pub fn program_all(&mut self, wanted: &impl DesiredFrontends, now: Instant) -> ApplyReport {
         let report = self.dataplane.apply(wanted);
-        let attempted: BTreeSet<Frontend> = wanted.frontends().map(|(f, _)| *f).collect();
-        self.note(wanted, &report, &attempted, now);
+        self.note(wanted, &report, |_| true, now);
         report
     }
 
@@ -86,8 +85,7 @@ impl<S: MapStore> Reconciler<S> {
         now: Instant,
     ) -> ApplyReport {
         let report = self.dataplane.apply_changes(changed);
-        let attempted: BTreeSet<Frontend> = changed.keys().copied().collect();
-        self.note(wanted, &report, &attempted, now);
+        self.note(wanted, &report, |f| changed.contains_key(f), now);
         report
     }
 
@@ -109,8 +107,7 @@ impl<S: MapStore> Reconciler<S> {
         }
         self.counts.retries += due.len() as u64;
         let report = self.dataplane.apply_changes(&due);
-        let attempted: BTreeSet<Frontend> = due.into_keys().collect();
-        self.note(wanted, &report, &attempted, now);
+        self.note(wanted, &report, |f| due.contains_key(f), now);
         Some(report)
     }
 
@@ -141,23 +138,18 @@ impl<S: MapStore> Reconciler<S> {
                 "repaired drift in the maps: {unlogged} more repairs not logged one by one"
             );
         }
-        let attempted: BTreeSet<Frontend> = wanted
-            .frontends()
-            .map(|(f, _)| f)
-            .chain(self.failing.keys())
-            .copied()
-            .collect();
-        self.note(wanted, &report.apply, &attempted, now);
+        // A resync applies every frontend, wanted or failing.
+        self.note(wanted, &report.apply, |_| true, now);
         Ok(report)
     }
 
     /// Records what an apply did: failures (logged when new) get a retry time; failing
-    /// frontends that were attempted and did not fail again are logged as recovered.
+    /// frontends that were `attempted` and did not fail again are logged as recovered.
     fn note(
         &mut self,
         wanted: &impl DesiredFrontends,
         report: &ApplyReport,
-        attempted: &BTreeSet<Frontend>,
+        attempted: impl Fn(&Frontend) -> bool,
         now: Instant,
     ) {
         let failed: BTreeMap<&Frontend, &String> =
@@ -165,7 +157,7 @@ impl<S: MapStore> Reconciler<S> {
         let recovered: Vec<Frontend> = self
             .failing
             .keys()
-            .filter(|f| attempted.contains(f) && !failed.contains_key(f))
+            .filter(|f| attempted(f) && !failed.contains_key(f))
             .copied()
             .collect();
         for frontend in recovered {

@@ -13,9 +13,7 @@ use super::{
     endpoints::{ServiceEndpoints, SliceInput},
     service::ServiceInput,
 };
-
-/// Services recomputed in one sync beyond which the work is split between two threads.
-const PARALLEL_SERVICES: usize = 2048;
+use crate::parallel;
 
 /// A Service's frontends and their programming, in the order computed.
 type Results = Vec<(Frontend, FrontendState)>;
@@ -264,26 +262,22 @@ impl Cluster {
         };
         self.report_orphans(&mut out.problems);
 
-        // The dirty Services' new results, computed before anything changes: on two threads
-        // when there are many (a cold start), each Service's alone being pure.
+        // The dirty Services' new results, computed before anything changes: on every core when
+        // there are many (a cold start), each Service's alone being pure.
         let dirty_keys: Vec<&ServiceKey> = dirty.iter().collect();
-        let results = if dirty_keys.len() >= PARALLEL_SERVICES {
-            let (first, second) = dirty_keys.split_at(dirty_keys.len() / 2);
-            let (mut results, problems, second) = std::thread::scope(|scope| {
-                let first = scope.spawn(|| self.translate_services(first));
-                let second = self.translate_services(second);
-                let (results, problems) = first.join().expect("a model thread panicked");
-                (results, problems, second)
-            });
+        let translated = parallel::map(&dirty_keys, |key| {
+            let mut problems = Vec::new();
+            let frontends = self
+                .services
+                .get(*key)
+                .map(|svc| self.translate_service(svc, &mut problems));
+            ((*key).clone(), frontends, problems)
+        });
+        let mut results: Vec<(ServiceKey, Option<Results>)> = Vec::with_capacity(translated.len());
+        for (key, frontends, problems) in translated {
             out.problems.extend(problems);
-            results.extend(second.0);
-            out.problems.extend(second.1);
-            results
-        } else {
-            let (results, problems) = self.translate_services(&dirty_keys);
-            out.problems.extend(problems);
-            results
-        };
+            results.push((key, frontends));
+        }
         // Every frontend they had or have, and what it was.
         let mut affected: BTreeSet<Frontend> = BTreeSet::new();
         for (key, frontends) in &results {
@@ -335,9 +329,11 @@ impl Cluster {
                     ));
                 }
             }
-            let new = self.output(&frontend);
-            if list_changes && new != old.as_ref() {
-                out.changed.insert(frontend, new.cloned());
+            if list_changes {
+                let new = self.output(&frontend);
+                if new != old.as_ref() {
+                    out.changed.insert(frontend, new.cloned());
+                }
             }
         }
         out
@@ -397,25 +393,6 @@ impl Cluster {
         let owner = self.claims.get(frontend)?.first()?;
         let results = self.computed.get(owner)?;
         results.iter().find(|(f, _)| f == frontend).map(|(_, s)| s)
-    }
-
-    /// The frontends of each Service (`None`: it is gone), and their problems.
-    fn translate_services(
-        &self,
-        keys: &[&ServiceKey],
-    ) -> (Vec<(ServiceKey, Option<Results>)>, Vec<Problem>) {
-        let mut problems = Vec::new();
-        let results = keys
-            .iter()
-            .map(|key| {
-                let frontends = self
-                    .services
-                    .get(*key)
-                    .map(|svc| self.translate_service(svc, &mut problems));
-                ((*key).clone(), frontends)
-            })
-            .collect();
-        (results, problems)
     }
 
     fn translate_service(&self, svc: &ServiceInput, problems: &mut Vec<Problem>) -> Results {
@@ -499,10 +476,18 @@ impl DesiredFrontends for Cluster {
         self.output(frontend)
     }
 
+    /// By Service: each Service's results, less the frontends another Service owns (finding
+    /// each frontend's owner's results would be a lookup by name per frontend).
     fn frontends(&self) -> impl Iterator<Item = (&Frontend, &FrontendState)> {
-        self.claims
-            .keys()
-            .filter_map(|f| Some((f, self.output(f)?)))
+        self.computed.iter().flat_map(move |(key, results)| {
+            results
+                .iter()
+                .filter(move |(frontend, _)| {
+                    let owner = self.claims.get(frontend).and_then(|c| c.first());
+                    owner == Some(key)
+                })
+                .map(|(frontend, state)| (frontend, state))
+        })
     }
 }
 

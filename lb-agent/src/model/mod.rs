@@ -177,7 +177,7 @@ pub struct DesiredState {
 /// ([`Cluster`]), so the agent keeps no second copy, or from a [`DesiredState`].
 pub trait DesiredFrontends {
     fn frontend(&self, frontend: &Frontend) -> Option<&FrontendState>;
-    /// Every frontend, in order.
+    /// Every frontend, in no particular order.
     fn frontends(&self) -> impl Iterator<Item = (&Frontend, &FrontendState)>;
 }
 
