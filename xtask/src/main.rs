@@ -112,7 +112,8 @@ fn setup() -> anyhow::Result<()> {
         );
     }
     lb_agent::cgroup::cgroup2_mount()?;
-    // dnsmasq, musl-gcc, busybox and dig: the DNS pod and the resolver clients of the tests.
+    // dnsmasq, musl-gcc, busybox and dig: the DNS pod and the resolver clients of the tests;
+    // etcd, openssl, xz and nginx: the control-plane tests' etcd, certificates, binaries and Pods.
     let tools = [
         "ip",
         "bpftool",
@@ -122,6 +123,10 @@ fn setup() -> anyhow::Result<()> {
         "musl-gcc",
         "busybox",
         "dig",
+        "etcd",
+        "openssl",
+        "xz",
+        "nginx",
     ];
     for tool in tools {
         if xtask::testbed::find_tool(tool).is_none() {
@@ -159,7 +164,7 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 /// Unit tests of every crate, then the end-to-end tests (last, so their summary closes the run).
 fn test(args: &[String]) -> anyhow::Result<()> {
     let agent = build(false)?;
-    let runs: [(&str, &[&str]); 3] = [
+    let runs: [(&str, &[&str]); 4] = [
         (
             "unit tests",
             &[
@@ -186,6 +191,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         (
             "end-to-end tests (root: veth namespaces, BPF)",
             &["--package", "xtask", "--test", "e2e"],
+        ),
+        (
+            // Binaries from ../shared/k8s or LB_K8S_BIN_DIR; without them these are ignored,
+            // saying how to provide them, except in CI, where that fails.
+            "control-plane tests (root: etcd, kube-apiserver, kube-controller-manager, kubectl)",
+            &["--package", "xtask", "--test", "cluster"],
         ),
     ];
     for (what, selection) in runs {

@@ -1,8 +1,9 @@
 //! Checks of the testbed itself, without lb: the pods answer on IPv4 and IPv6, every probe mode
 //! reports what it should, the Service CIDRs fail locally, the DNS pod answers glibc's, musl's
 //! and dig's resolvers, and everything is gone afterwards. When an end-to-end test fails, this
-//! says whether the testbed or the datapath is at fault. Root only, like the e2e tests:
-//! `cargo test -p xtask --test testbed_selfcheck`.
+//! says whether the testbed or the datapath is at fault. The real control plane starts, runs a
+//! Deployment and a Service, survives an API server restart and an etcd compaction, and leaves
+//! nothing behind. Root only, like the e2e tests: `cargo test -p xtask --test testbed_selfcheck`.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -15,6 +16,7 @@ use anyhow::{Context as _, ensure};
 use libtest_mimic::{Arguments, Trial};
 use xtask::testbed::{
     self, PodSpec, Resolv, ServiceRoute, Testbed, agent, clients,
+    control_plane::{ControlPlane, K8sBinaries},
     probe::{Attempt, ProbeArgs, v4_mapped},
 };
 
@@ -45,12 +47,31 @@ fn main() {
             exec_and_cleanup,
         ),
     ];
-    let trials = checks
+    let mut trials: Vec<Trial> = checks
         .into_iter()
         .map(|(name, check)| {
             Trial::test(name, move || check().map_err(|e| format!("{e:#}").into()))
         })
         .collect();
+    // Without the binaries (outside CI): reported as ignored, saying how to provide them.
+    let binaries = match args.list {
+        true => None,
+        false => K8sBinaries::locate_for_tests().unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            std::process::exit(1)
+        }),
+    };
+    let ignored = binaries.is_none();
+    trials.push(
+        Trial::test(
+            "control_plane_runs_a_deployment_and_a_service_across_a_restart_and_a_compaction",
+            move || {
+                let binaries = binaries.as_ref().expect("not run when ignored");
+                control_plane(binaries).map_err(|e| format!("{e:#}").into())
+            },
+        )
+        .with_ignored_flag(ignored),
+    );
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -432,4 +453,136 @@ fn exec_and_cleanup() -> anyhow::Result<()> {
         "the temporary directory is left behind"
     );
     Ok(())
+}
+
+/// A Deployment of 2 and the Service in front of it.
+const WEB_MANIFEST: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: nginx, image: nginx, ports: [{containerPort: 80}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 80}]
+";
+
+fn control_plane(binaries: &K8sBinaries) -> anyhow::Result<()> {
+    let cp = ControlPlane::start(binaries)?;
+    let dir = cp
+        .kubeconfig()
+        .parent()
+        .context("kubeconfig's directory")?
+        .to_owned();
+    ensure!(
+        cp.server_url().starts_with("https://127.0.0.1:"),
+        "{}",
+        cp.server_url()
+    );
+    cp.kubectl_with_input(&["apply", "-f", "-"], WEB_MANIFEST)?;
+
+    // The API server allocates the ClusterIP from 10.96.0.0/12.
+    let ip: Ipv4Addr = cp
+        .kubectl(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"])?
+        .trim()
+        .parse()
+        .context("the Service's clusterIP")?;
+    ensure!(
+        ip.octets()[0] == 10 && ip.octets()[1] & 0xf0 == 96,
+        "clusterIP {ip} not in {}",
+        testbed::SERVICE_CIDR
+    );
+
+    // The Deployment and ReplicaSet controllers make 2 Pods, which stay Pending (no kubelet).
+    let phases = wait_for(&cp, "2 Pods of web", |cp| {
+        let phases = cp.kubectl(&[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ])?;
+        Ok((phases.split_whitespace().count() == 2).then_some(phases))
+    })?;
+    ensure!(
+        phases.split_whitespace().all(|p| p == "Pending"),
+        "phases: {phases}"
+    );
+    // The EndpointSlice controller makes the Service's slice.
+    wait_for(&cp, "the EndpointSlice of web", |cp| {
+        let slices = cp.kubectl(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            "name",
+        ])?;
+        Ok((slices.lines().count() == 1).then_some(()))
+    })?;
+    let service_version = cp.kubectl(&[
+        "get",
+        "svc",
+        "web",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ])?;
+
+    cp.restart_apiserver()?;
+    let services = cp.kubectl(&["get", "svc", "-o", "name"])?;
+    ensure!(
+        services.lines().any(|l| l == "service/web"),
+        "after the restart: {services}"
+    );
+
+    // A list at the Service's version reaches etcd: it works until the compaction, then 410.
+    let exact = format!(
+        "/api/v1/namespaces/default/services?resourceVersion={}&resourceVersionMatch=Exact",
+        service_version.trim()
+    );
+    cp.kubectl(&["get", "--raw", &exact])?;
+    cp.compact_etcd()?;
+    let err = cp
+        .kubectl(&["get", "--raw", &exact])
+        .expect_err("a list at a compacted version should fail");
+    ensure!(
+        format!("{err:#}").contains("too old"),
+        "after the compaction: {err:#}"
+    );
+
+    drop(cp);
+    ensure!(!dir.exists(), "{} left behind", dir.display());
+    let dir = dir.display().to_string();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        ensure!(!cmdline.contains(&dir), "still running: {cmdline}");
+    }
+    Ok(())
+}
+
+/// Asks `check` twice a second until it returns a value, for at most [`TIMEOUT`].
+fn wait_for<T>(
+    cp: &ControlPlane,
+    what: &str,
+    check: impl Fn(&ControlPlane) -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let attempts = TIMEOUT.as_millis() / 500;
+    for _ in 0..attempts {
+        if let Some(value) = check(cp)? {
+            return Ok(value);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    anyhow::bail!("no {what} within {TIMEOUT:?}")
 }

@@ -19,12 +19,15 @@
 pub mod agent;
 pub mod cleanup;
 pub mod clients;
+pub mod cluster;
+pub mod control_plane;
 pub mod dns;
 pub mod dns_query;
 pub mod exec;
 pub mod fake_api;
 pub mod metrics;
 pub mod netns;
+pub mod node;
 pub mod pod;
 pub mod probe;
 
@@ -205,7 +208,7 @@ impl Testbed {
         switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         switch.ip(&["link", "set", "br0", "up"])?;
         let client = Netns::create(&format!("{id}-c"))?;
-        attach(&switch, &client, "vc0", CLIENT_IP)?;
+        attach(switch.name(), &client, "vc0", CLIENT_IP)?;
         route_services(&client, ServiceRoute::Unreachable)?;
 
         let mut testbed = Self {
@@ -236,6 +239,12 @@ impl Testbed {
         Ok(testbed)
     }
 
+    /// The switch namespace whose bridge connects every pod and client (for the testbed's own
+    /// nodes, [`node::Nodes`], which add pods as they come).
+    pub fn switch_netns(&self) -> &str {
+        self.switch.name()
+    }
+
     /// Passes `flags` to `lb-agent run` at every start from now on.
     pub fn agent_flags(&mut self, flags: &[&str]) {
         self.agent_flags = flags.iter().map(|f| f.to_string()).collect();
@@ -249,7 +258,7 @@ impl Testbed {
     fn add_pod(&mut self, pod: PodSpec) -> anyhow::Result<()> {
         let index = self.pods.len() + 1;
         let ns = Netns::create(&format!("{}-p{index}", self.id))?;
-        attach(&self.switch, &ns, &format!("vp{index}"), pod.ip)?;
+        attach(self.switch.name(), &ns, &format!("vp{index}"), pod.ip)?;
         let server = PodServer::start(
             ns.name(),
             &pod.name,
@@ -276,7 +285,7 @@ impl Testbed {
     ) -> anyhow::Result<()> {
         let index = self.dns_pods.len() + 1;
         let ns = Netns::create(&format!("{}-d{index}", self.id))?;
-        attach(&self.switch, &ns, &format!("vd{index}"), spec.ip)?;
+        attach(self.switch.name(), &ns, &format!("vd{index}"), spec.ip)?;
         let servers =
             if spec.tcp_ports.is_empty() && spec.udp_ports.is_empty() && spec.echo_ports.is_empty()
             {
@@ -339,7 +348,7 @@ impl Testbed {
     ) -> anyhow::Result<String> {
         let ns = Netns::create(&format!("{}-{suffix}", self.id))?;
         let port = format!("vc{}", self.extra_clients.len() + 1);
-        attach(&self.switch, &ns, &port, ip)?;
+        attach(self.switch.name(), &ns, &port, ip)?;
         route_services(&ns, services)?;
         let name = ns.name().to_owned();
         self.extra_clients.push(ns);
@@ -439,6 +448,12 @@ impl Testbed {
         api.write_kubeconfig(&path)?;
         self.kubeconfig = Some((path, node_name.map(str::to_owned)));
         Ok(())
+    }
+
+    /// From now on, the agent follows the API server of `kubeconfig` (a real control plane's,
+    /// [`control_plane::ControlPlane`]) as node `node_name`, instead of the manifests.
+    pub fn use_kubeconfig(&mut self, kubeconfig: &Path, node_name: &str) {
+        self.kubeconfig = Some((kubeconfig.to_owned(), Some(node_name.to_owned())));
     }
 
     /// Starts the agent and waits until it is ready (its initial sync is done).
@@ -559,8 +574,9 @@ fn route_services(ns: &Netns, services: ServiceRoute) -> anyhow::Result<()> {
 
 /// Connects `ns` to the switch's bridge with a veth (`port` on the bridge side, `eth0` inside) and
 /// gives it `ip` on the pods' subnet and [`ip6_of`]`(ip)` on their IPv6 subnet: no other route.
-fn attach(switch: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
-    switch.ip(&[
+fn attach(switch: &str, ns: &Netns, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+    let switch = |args: &[&str]| netns::ip(&[&["-n", switch], args].concat());
+    switch(&[
         "link",
         "add",
         port,
@@ -572,7 +588,7 @@ fn attach(switch: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> anyhow::Resul
         "netns",
         ns.name(),
     ])?;
-    switch.ip(&["link", "set", port, "master", "br0", "up"])?;
+    switch(&["link", "set", port, "master", "br0", "up"])?;
     ns.ip(&[
         "addr",
         "add",
