@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod demo_cluster;
 
 use std::{
     path::{Path, PathBuf},
@@ -30,7 +31,12 @@ enum Task {
         release: bool,
     },
     /// Walk through lb on veth namespaces and the manifests in deploy/examples.
-    Demo,
+    Demo {
+        /// The same exercise with kubectl on a real control plane (etcd, kube-apiserver,
+        /// kube-controller-manager from ../shared/k8s or LB_K8S_BIN_DIR) and the testbed's node.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Benchmarks: lb against no load balancer and kube-proxy's iptables shape (root; several
     /// minutes). Prints a table; the JSON goes to target/bench.json.
     Bench {
@@ -63,9 +69,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup(),
         Task::Build { release } => build(release).map(|_| ()),
-        Task::Demo => setup()
-            .and_then(|()| build(false))
-            .and_then(|bin| demo::run(&bin)),
+        Task::Demo { cluster } => setup().and_then(|()| build(false)).and_then(|bin| {
+            if cluster {
+                demo_cluster::run(&bin)
+            } else {
+                demo::run(&bin)
+            }
+        }),
         Task::Test { args } => setup().and_then(|()| test(&args)),
         Task::Bench { quick, scales } => setup().and_then(|()| build(true)).and_then(|bin| {
             bench::run(&bin, if quick { bench::QUICK } else { bench::FULL }, scales)
