@@ -2,6 +2,11 @@
 //! responses and chunked watch streams of JSON events, as captured from kube-apiserver in
 //! `lb-agent/tests/fixtures/k8s-api`. Tests drive it: push watch events, drop watches, answer the
 //! next watch with 410 Expired, delay a list, or go down.
+//!
+//! Only for what the real control plane ([`super::control_plane`], used by `tests/cluster.rs`)
+//! cannot do on demand: objects the real API server would reject (the bad-input corpus), a list
+//! that is slow on purpose, an outage seen by the agent alone while objects go on changing, and
+//! replaying captured objects (topology hints) that v1.26's controllers do not write here.
 
 use std::{
     collections::BTreeMap,
