@@ -19,10 +19,17 @@ fn main() -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("lb-ebpf not found at {}", ebpf_dir.display()))?;
     let root_dir = ebpf_dir.to_str().context("lb-ebpf path is not UTF-8")?;
+    // The programs and the agent must agree on the maps' layout.
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_LAYOUT_TEST").is_some() {
+        &["layout-test"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [Package {
             name: "lb-ebpf",
             root_dir,
+            features,
             ..Default::default()
         }],
         Toolchain::default(),

@@ -1,23 +1,34 @@
 //! `lb-agent list`: what the pinned maps hold, one row per frontend.
 //!
 //! JSON schema (`-o json`), stable:
-//! `{"frontends": [{"service": {"namespace", "name", "port"}, "frontend": {"address", "port",
-//! "protocol"}, "backends": [{"address", "port"}]}]}`, where `service.port` is the Service port's
-//! name ("" when unnamed), `protocol` is TCP, UDP or SCTP, and backends are in slot order.
+//! `{"layout_version", "frontends": [{"service": {"namespace", "name", "port"}, "frontend":
+//! {"address", "port", "protocol"}, "backends": [{"address", "port"}]}]}`, where
+//! `layout_version` is the version of the maps' layout the node runs (lb-common's
+//! `LAYOUT_VERSION`; absent from the output of agents older than versioned layouts),
+//! `service.port` is the Service port's name ("" when unnamed), `protocol` is TCP, UDP or SCTP,
+//! and backends are in slot order. The table ends with a line naming the layout version.
 
 use std::{io::Write as _, path::Path};
 
 use serde::{Deserialize, Serialize};
 
+use lb_common::LAYOUT_VERSION;
+
 use crate::{
     OutputFormat,
-    dataplane::{FrontendView, MapStore, bpf::BpfMaps, view},
+    dataplane::{
+        FrontendView, MapStore,
+        bpf::{BpfMaps, layout_dir},
+        view,
+    },
     model::{Backend, Frontend},
 };
 
 /// The `-o json` document; xtask's tests read it with these types too.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listing {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout_version: Option<u32>,
     pub frontends: Vec<Row>,
 }
 
@@ -60,7 +71,13 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<()> {
     }
     let text = match format {
         OutputFormat::Json => serde_json::to_string_pretty(&to_json(&rows))? + "\n",
-        OutputFormat::Table => table(&rows),
+        OutputFormat::Table => {
+            table(&rows)
+                + &format!(
+                    "(maps of layout version {LAYOUT_VERSION}, pinned under {})\n",
+                    layout_dir(pin_dir, LAYOUT_VERSION).display()
+                )
+        }
     };
     // A reader that stops early (`| head`) is not an error.
     match std::io::stdout().lock().write_all(text.as_bytes()) {
@@ -71,6 +88,7 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<()> {
 
 fn to_json(rows: &[FrontendView]) -> Listing {
     Listing {
+        layout_version: Some(LAYOUT_VERSION),
         frontends: rows
             .iter()
             .map(|r| Row {

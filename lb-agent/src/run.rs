@@ -105,8 +105,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     } else {
         aya_log::Level::Info
     };
-    let loaded = bpf::load_and_attach(&args.pin_dir, &cgroup, ebpf_level, args.socket_map_entries)?;
+    let loaded = bpf::load(&args.pin_dir, &cgroup, ebpf_level, args.socket_map_entries)?;
     relay_ebpf_logs(loaded.logger)?;
+    let attach = loaded.attach;
     let dataplane = Dataplane::adopt(loaded.maps)?;
     info!(frontends = dataplane.len(), "adopted the pinned maps");
 
@@ -116,13 +117,15 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     tokio::spawn(source);
     let shutdown = pin!(shutdown_signal()?);
-    let reconciler = Reconciler::new(dataplane);
     reconcile(
         Feed {
             batches: rx,
             origins,
         },
-        reconciler,
+        Datapath {
+            reconciler: Reconciler::new(dataplane),
+            attach: || attach.attach(),
+        },
         node,
         &health,
         &metrics,
@@ -143,6 +146,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 struct Feed {
     batches: mpsc::Receiver<Batch>,
     origins: Option<Origins>,
+}
+
+/// What the reconcile loop drives: the reconciler, which writes the maps, and `attach`, which
+/// puts the agent's programs in place once the maps are first programmed.
+struct Datapath<S, A> {
+    reconciler: Reconciler<S>,
+    attach: A,
 }
 
 fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
@@ -174,18 +184,24 @@ fn relay_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow
 
 /// The one reconcile loop: the source's events go into the model; each burst is one sync, whose
 /// changed frontends the reconciler writes. Nothing is programmed until the source has a full
-/// view; then the maps are brought to it in one step and the agent is ready. Frontends whose
+/// view; then the maps are brought to it in one step, `attach` puts the agent's programs in place
+/// (until then an earlier agent's keep translating, with its maps), and the agent is ready. Frontends whose
 /// write failed are retried on their backoff timer, and every `resync_interval` the maps are
 /// compared with the wanted state and repaired.
 async fn reconcile<S: MapStore>(
     feed: Feed,
-    mut reconciler: Reconciler<S>,
+    datapath: Datapath<S, impl FnOnce() -> anyhow::Result<()>>,
     node: NodeContext,
     health: &Health,
     metrics: &Metrics,
     resync_interval: Duration,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
+    let Datapath {
+        mut reconciler,
+        attach,
+    } = datapath;
+    let mut attach = Some(attach);
     let Feed {
         batches: mut rx,
         origins,
@@ -271,6 +287,11 @@ async fn reconcile<S: MapStore>(
                 log_report(&report, frontends, events, sync.services, timings);
                 if !programmed {
                     programmed = true;
+                    if let Some(attach) = attach.take() {
+                        attach().context(
+                            "attaching the programs; the ones attached before keep translating",
+                        )?;
+                    }
                     health.set_ready();
                     // The sync's copy of every frontend goes first, so that compacting can
                     // return whole pages.
@@ -382,26 +403,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn nothing_is_programmed_and_not_ready_until_the_source_is_synced() {
+    async fn nothing_is_programmed_attached_or_ready_until_the_source_is_synced() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
         let store = CountingStore::default();
         let writes = store.0.clone();
+        // How many writes were made when the programs were attached (usize::MAX: not yet).
+        let writes_at_attach = std::sync::Arc::new(AtomicUsize::new(usize::MAX));
         let reconciler = Reconciler::new(Dataplane::adopt(store).unwrap());
         let health = Health::default();
         let (tx, rx) = mpsc::channel(16);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let looping = {
             let health = health.clone();
+            let (writes, writes_at_attach) = (writes.clone(), writes_at_attach.clone());
             tokio::spawn(async move {
                 let shutdown = pin!(async {
                     let _ = stopped.await;
                 });
                 let node = NodeContext::default();
+                let attach = || {
+                    let previous = writes_at_attach.swap(writes.load(Relaxed), Relaxed);
+                    assert_eq!(previous, usize::MAX, "attached twice");
+                    Ok(())
+                };
                 reconcile(
                     Feed {
                         batches: rx,
                         origins: None,
                     },
-                    reconciler,
+                    Datapath { reconciler, attach },
                     node,
                     &health,
                     &Metrics::default(),
@@ -421,9 +451,11 @@ mod tests {
         tx.send(partial).await.unwrap();
         settle().await;
         assert!(!health.is_ready());
-        assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(writes.load(Relaxed), 0);
+        assert_eq!(writes_at_attach.load(Relaxed), usize::MAX, "attached early");
 
-        // The source has its full view: the model is programmed, then the agent is ready.
+        // The source has its full view: the model is programmed, then the programs are attached
+        // (the earlier agent's translated until then), then the agent is ready.
         let complete = Batch {
             synced: true,
             ..Default::default()
@@ -431,7 +463,13 @@ mod tests {
         tx.send(complete).await.unwrap();
         settle().await;
         assert!(health.is_ready());
-        assert!(writes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        let written = writes.load(Relaxed);
+        assert!(written > 0);
+        assert_eq!(
+            writes_at_attach.load(Relaxed),
+            written,
+            "attached before the maps were written"
+        );
 
         stop.send(()).unwrap();
         looping.await.unwrap().unwrap();

@@ -49,7 +49,20 @@
 //!   count is raised and deleted after it is lowered;
 //! - every backend in one of those slots has its member entry: members are written before their
 //!   backend enters a slot, and deleted only once it is in no slot below the count.
+//!
+//! # Layout versions
+//!
+//! [`LAYOUT_VERSION`] names the layout of all these maps together: it goes up whenever a key or a
+//! value changes (a field added, a map added or changed in meaning), and each version's maps are
+//! pinned apart (version 1 directly in the pin directory, as before versions existed; version N
+//! in its `vN` subdirectory). An agent that finds another version's maps fills maps of its own
+//! version, swaps the programs over to them, and only then removes the others: an upgrade or a
+//! rollback never leaves sockets untranslated.
 #![no_std]
+
+/// The version of the maps' layout (see the module documentation). The `layout-test` feature
+/// builds a layout made different on purpose, for the tests of upgrades and rollbacks.
+pub const LAYOUT_VERSION: u32 = if cfg!(feature = "layout-test") { 2 } else { 1 };
 
 /// Capacity of the service (frontend) maps. A frontend is one ClusterIP × port × protocol.
 pub const MAX_SERVICES: u32 = 65_536;
@@ -107,6 +120,21 @@ pub struct ServiceEntry {
     pub backend_count: u16,
     /// [`service_flags`] bits.
     pub flags: u16,
+    /// The field the `layout-test` layout adds: a value that grew, as a future version's will.
+    #[cfg(feature = "layout-test")]
+    pub layout_test: u32,
+}
+
+impl ServiceEntry {
+    pub const fn new(service_id: u32, backend_count: u16, flags: u16) -> Self {
+        Self {
+            service_id,
+            backend_count,
+            flags,
+            #[cfg(feature = "layout-test")]
+            layout_test: 0x5eed,
+        }
+    }
 }
 
 /// Key of `LB4_BACKENDS` and `LB6_BACKENDS`: one slot of a frontend's backend set.
@@ -405,7 +433,8 @@ mod tests {
 
     #[test]
     fn service_entry_layout() {
-        assert_eq!(size_of::<ServiceEntry>(), 8);
+        let size = if cfg!(feature = "layout-test") { 12 } else { 8 };
+        assert_eq!(size_of::<ServiceEntry>(), size);
         assert_eq!(offset_of!(ServiceEntry, service_id), 0);
         assert_eq!(offset_of!(ServiceEntry, backend_count), 4);
         assert_eq!(offset_of!(ServiceEntry, flags), 6);

@@ -536,7 +536,7 @@ fn list_and_reset() -> anyhow::Result<()> {
 
     let json: serde_json::Value =
         serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)?;
-    let expected = serde_json::json!({"frontends": [
+    let expected = serde_json::json!({"layout_version": lb_common::LAYOUT_VERSION, "frontends": [
         {
             "service": {"namespace": "demo", "name": "cache", "port": "redis"},
             "frontend": {"address": "10.96.0.20", "port": 6379, "protocol": "TCP"},
@@ -558,6 +558,13 @@ fn list_and_reset() -> anyhow::Result<()> {
             && l.contains("10.96.0.10:80/TCP")
             && l.contains("10.244.1.1:8080, 10.244.1.2:8080")),
         "lb-agent list:\n{table}"
+    );
+    ensure!(
+        table.contains(&format!(
+            "maps of layout version {}",
+            lb_common::LAYOUT_VERSION
+        )),
+        "lb-agent list does not say the layout version:\n{table}"
     );
 
     // Stopped, the agent leaves the datapath; reset removes it, and connects are no longer
@@ -994,11 +1001,7 @@ fn failed_write_retried() -> anyhow::Result<()> {
             _pad: 0,
         })
     };
-    let refuse = ServiceEntry {
-        service_id: u32::MAX,
-        backend_count: 0,
-        flags: 0,
-    };
+    let refuse = ServiceEntry::new(u32::MAX, 0, 0);
     let mut filled = 0;
     loop {
         match maps.write(&Write::PutService(junk(filled), refuse)) {

@@ -355,11 +355,7 @@ fn slot_key(service_id: u32, slot: usize) -> BackendSlotKey {
 }
 
 fn entry(service_id: u32, count: usize) -> ServiceEntry {
-    ServiceEntry {
-        service_id,
-        backend_count: count as u16,
-        flags: 0,
-    }
+    ServiceEntry::new(service_id, count as u16, 0)
 }
 
 /// Hands out the lowest service ids not in use. Ids of frontends removed in the same plan stay

@@ -9,10 +9,11 @@ use aya::{
 };
 use lb_common::{
     Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
-    Frontend4Key, Frontend6Key, ServiceEntry, ServiceName,
+    Frontend4Key, Frontend6Key, LAYOUT_VERSION, ServiceEntry, ServiceName,
 };
 
 use super::batch::{self, Stopped};
+use super::pins::{layout_dir, pinned_layouts};
 use super::{
     BACKENDS_MAP, BACKENDS6_MAP, MEMBERS_MAP, MEMBERS6_MAP, NAMES_MAP, SERVICES_MAP, SERVICES6_MAP,
 };
@@ -37,10 +38,28 @@ pub struct BpfMaps {
 }
 
 impl BpfMaps {
-    /// Opens the maps pinned under `pin_dir` (by a running or stopped agent).
+    /// Opens the maps of this agent's layout version pinned under `pin_dir` (by a running or
+    /// stopped agent).
     pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
+        let maps_dir = layout_dir(pin_dir, LAYOUT_VERSION);
+        if !maps_dir.join(SERVICES_MAP).exists() {
+            let others = pinned_layouts(pin_dir)?;
+            if !others.is_empty() {
+                anyhow::bail!(
+                    "the maps under {} are of layout version {}, and this lb-agent reads version \
+                     {LAYOUT_VERSION}: use the lb-agent that wrote them (the running agent's \
+                     image), or wait for an upgrade in progress to finish",
+                    pin_dir.display(),
+                    others
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                );
+            }
+        }
         let open = |name: &str| -> anyhow::Result<Map> {
-            let path = pin_dir.join(name);
+            let path = maps_dir.join(name);
             let data = MapData::from_pin(&path).map_err(|e| match e {
                 MapError::SyscallError(ref s) if s.io_error.kind() == ErrorKind::NotFound => {
                     anyhow::anyhow!(

@@ -2,16 +2,17 @@
 //! them ([`pins`]); and reading and writing the maps ([`maps`]).
 //!
 //! Pins outlive the agent: while it is stopped or restarting, the attached program keeps
-//! translating sockets with the maps as last written. A new agent reuses the pinned maps (so
-//! nothing is flushed, not even the per-socket state of open sockets) and swaps in its own
-//! programs atomically, one hook at a time.
+//! translating sockets with the maps as last written. A new agent reuses the pinned maps of its
+//! layout version (so nothing is flushed, not even the per-socket state of open sockets), or
+//! fills maps of its own beside another version's, and swaps in its own programs atomically, one
+//! hook at a time, once its maps are programmed (see [`pins`]).
 
 mod batch;
 mod maps;
 mod pins;
 
 pub use maps::BpfMaps;
-pub use pins::{Loaded, load_and_attach, mount_bpffs, reset};
+pub use pins::{Attach, Loaded, layout_dir, load, mount_bpffs, pinned_layouts, reset};
 
 pub const SERVICES_MAP: &str = "LB4_SERVICES";
 pub const BACKENDS_MAP: &str = "LB4_BACKENDS";
@@ -80,12 +81,11 @@ const MAPS: [&str; 7] = [
     NAMES_MAP,
 ];
 
-/// Every pin lb makes, in the order `reset` removes them (links first: detaching stops the
-/// rewriting before the maps go away).
-fn pin_names() -> Vec<String> {
-    let links = PROGRAMS
+/// The links' pins (and their staging names), which `reset` removes first: detaching stops the
+/// rewriting before the maps go away.
+fn link_pin_names() -> Vec<String> {
+    PROGRAMS
         .iter()
-        .flat_map(|p| [p.link_pin(), p.staging_pin()]);
-    let maps = MAPS.iter().chain(&SOCKET_MAPS).map(|m| m.to_string());
-    links.chain(maps).collect()
+        .flat_map(|p| [p.link_pin(), p.staging_pin()])
+        .collect()
 }

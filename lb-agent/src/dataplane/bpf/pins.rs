@@ -1,5 +1,23 @@
-//! Loading the programs with the pinned maps, attaching them to the cgroup through pinned links
-//! (swapped in without a gap), checking pinned layouts, `reset`, and the BPF filesystem.
+//! Loading the programs with the pinned maps of this agent's layout version, attaching them to the
+//! cgroup through pinned links (swapped in without a gap) once the maps are programmed, removing
+//! other layout versions' maps after that, `reset`, and the BPF filesystem.
+//!
+//! # Pins
+//!
+//! ```text
+//! PIN_DIR/connect4_link …            the links: one per hook, whatever the layout
+//! PIN_DIR/LB4_SERVICES …             layout version 1's maps (where lb kept them before versions)
+//! PIN_DIR/v2/LB4_SERVICES …          layout version 2's maps, and so on
+//! ```
+//!
+//! # Upgrades and rollbacks
+//!
+//! An agent loads its programs against the maps of its own version, creating them when they are
+//! not there, while the programs an earlier agent attached keep translating with theirs. Only once
+//! the agent's first sync has programmed its maps does it swap the links over ([`Attach`]), and
+//! only then does it remove the maps of every other version: connects are translated all along, by
+//! the old programs until the swap and by the new ones after. The same holds in both directions,
+//! so a rollback is an upgrade to the older version.
 
 use std::{
     fs,
@@ -12,12 +30,16 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
 };
 use lb_common::{
     Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
-    Frontend4Key, Frontend6Key, Reverse4Key, Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceEntry,
-    ServiceName, SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key,
+    Frontend4Key, Frontend6Key, LAYOUT_VERSION, Reverse4Key, Reverse6Key, ServiceAddr4,
+    ServiceAddr6, ServiceEntry, ServiceName, SockBackend4, SockBackend6, SockFrontend4Key,
+    SockFrontend6Key,
 };
 use nix::{
     mount::{MsFlags, mount},
@@ -27,23 +49,58 @@ use tracing::{debug, info, warn};
 
 use super::{
     BACKENDS_MAP, BACKENDS6_MAP, BpfMaps, MAPS, MEMBERS_MAP, MEMBERS6_MAP, NAMES_MAP, PROGRAMS,
-    Program, SERVICES_MAP, SERVICES6_MAP, SOCKET_MAPS, pin_names,
+    Program, SERVICES_MAP, SERVICES6_MAP, SOCKET_MAPS, link_pin_names,
 };
 
 /// The eBPF object, built from lb-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
-/// The loaded dataplane: its maps, and the reader of its eBPF log events.
+/// The loaded dataplane: its maps, the reader of its eBPF log events, and its programs, to attach
+/// once the maps are programmed.
 pub struct Loaded {
     pub maps: BpfMaps,
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    pub attach: Attach,
 }
 
-/// Loads the programs with the maps pinned under `pin_dir` (reusing them when an earlier agent
-/// left them) and attaches every program of [`PROGRAMS`] to `cgroup`, replacing the programs an
-/// earlier agent left attached there without a moment in which sockets go untranslated.
-/// `socket_map_entries` sizes each per-socket LRU map.
-pub fn load_and_attach(
+/// Where the maps of layout `version` are pinned under `pin_dir` (see the module documentation).
+pub fn layout_dir(pin_dir: &Path, version: u32) -> PathBuf {
+    match version {
+        1 => pin_dir.to_owned(),
+        n => pin_dir.join(format!("v{n}")),
+    }
+}
+
+/// The layout versions whose maps are pinned under `pin_dir`, in order.
+pub fn pinned_layouts(pin_dir: &Path) -> anyhow::Result<Vec<u32>> {
+    let mut versions = Vec::new();
+    if pin_dir.join(SERVICES_MAP).exists() {
+        versions.push(1);
+    }
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(versions),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pin_dir.display())),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        let version = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('v'))
+            .and_then(|n| n.parse::<u32>().ok());
+        if let Some(version) = version.filter(|v| *v > 1) {
+            versions.push(version);
+        }
+    }
+    versions.sort_unstable();
+    Ok(versions)
+}
+
+/// Loads the programs with the maps of this agent's layout version ([`LAYOUT_VERSION`]) pinned
+/// under `pin_dir`, reusing them when an earlier agent left them and creating them otherwise.
+/// Nothing is attached yet: the programs attached now (an earlier agent's) keep translating
+/// until [`Attach::attach`]. `socket_map_entries` sizes each per-socket LRU map.
+pub fn load(
     pin_dir: &Path,
     cgroup: &Path,
     log_level: aya_log::Level,
@@ -58,12 +115,34 @@ pub fn load_and_attach(
         bail!("--socket-map-entries must be at least 1");
     }
     ensure_bpffs(pin_dir)?;
-    fs::create_dir_all(pin_dir)
-        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-    check_pinned_layouts(pin_dir)?;
-    refit_socket_maps(pin_dir, socket_map_entries)?;
+    let maps_dir = layout_dir(pin_dir, LAYOUT_VERSION);
+    fs::create_dir_all(&maps_dir)
+        .with_context(|| format!("creating pin directory {}", maps_dir.display()))?;
+    let others: Vec<u32> = pinned_layouts(pin_dir)?
+        .into_iter()
+        .filter(|v| *v != LAYOUT_VERSION)
+        .collect();
+    let adopted = maps_dir.join(SERVICES_MAP).exists();
+    match (adopted, others.as_slice()) {
+        (true, _) => {
+            info!(layout = LAYOUT_VERSION, maps = %maps_dir.display(), "reusing the pinned maps of this layout")
+        }
+        (false, []) => {
+            info!(layout = LAYOUT_VERSION, maps = %maps_dir.display(), "creating the maps")
+        }
+        (false, others) => info!(
+            layout = LAYOUT_VERSION,
+            found = ?others,
+            maps = %maps_dir.display(),
+            "the pinned maps are of another layout: creating this layout's maps; the programs \
+             attached now keep translating with theirs until this agent's first sync has \
+             programmed its own, then the links are swapped and the old maps removed"
+        ),
+    }
+    check_pinned_layouts(&maps_dir)?;
+    refit_socket_maps(&maps_dir, socket_map_entries)?;
 
-    let pin = |name: &str| pin_dir.join(name);
+    let pin = |name: &str| maps_dir.join(name);
     let map_pins: Vec<(&str, PathBuf)> = MAPS
         .iter()
         .chain(&SOCKET_MAPS)
@@ -89,28 +168,106 @@ pub fn load_and_attach(
             cgroup.display()
         )
     })?;
+    // Loaded (verified) now, so that a program the kernel refuses stops the agent before it
+    // changes anything.
     for program in PROGRAMS {
-        attach(&mut ebpf, &program, &cgroup_dir, pin_dir).with_context(|| {
-            format!(
-                "attaching {} ({}, needs Linux >= 5.19) to cgroup {}",
-                program.name,
-                program.hook,
-                cgroup.display()
-            )
-        })?;
+        let loaded: &mut CgroupSockAddr = ebpf
+            .program_mut(program.name)
+            .with_context(|| format!("the eBPF object has no {} program", program.name))?
+            .try_into()?;
+        loaded
+            .load()
+            .with_context(|| format!("loading {} into the kernel", program.name))?;
     }
-    info!(
-        cgroup = %cgroup.display(),
-        pins = %pin_dir.display(),
-        programs = PROGRAMS.len(),
-        "programs attached: connect, sendmsg, recvmsg and getpeername, IPv4 and IPv6"
-    );
-
     let maps = BpfMaps::take(&mut ebpf)?;
-    Ok(Loaded { maps, logger })
+    Ok(Loaded {
+        maps,
+        logger,
+        attach: Attach {
+            ebpf,
+            cgroup: cgroup.to_owned(),
+            cgroup_dir,
+            pin_dir: pin_dir.to_owned(),
+            others,
+        },
+    })
 }
 
-/// Loads `program` and attaches it to the cgroup, swapping out the link an earlier agent pinned.
+/// The loaded programs, waiting to replace the attached ones once the maps are programmed.
+pub struct Attach {
+    ebpf: Ebpf,
+    cgroup: PathBuf,
+    cgroup_dir: fs::File,
+    pin_dir: PathBuf,
+    /// Layout versions whose maps were pinned when the agent started: removed after the swap.
+    others: Vec<u32>,
+}
+
+impl Attach {
+    /// Attaches every program of [`PROGRAMS`] to the cgroup, replacing the programs an earlier
+    /// agent left there without a moment in which sockets go untranslated; then removes the maps
+    /// of other layout versions, which no attached program uses any more.
+    pub fn attach(mut self) -> anyhow::Result<()> {
+        for program in PROGRAMS {
+            attach(&mut self.ebpf, &program, &self.cgroup_dir, &self.pin_dir).with_context(
+                || {
+                    format!(
+                        "attaching {} ({}, needs Linux >= 5.19) to cgroup {}",
+                        program.name,
+                        program.hook,
+                        self.cgroup.display()
+                    )
+                },
+            )?;
+        }
+        info!(
+            cgroup = %self.cgroup.display(),
+            pins = %self.pin_dir.display(),
+            layout = LAYOUT_VERSION,
+            programs = PROGRAMS.len(),
+            "programs attached: connect, sendmsg, recvmsg and getpeername, IPv4 and IPv6"
+        );
+        for version in &self.others {
+            let removed = remove_layout(&self.pin_dir, *version)?;
+            info!(
+                from = version,
+                to = LAYOUT_VERSION,
+                removed = removed.len(),
+                "{} layout {version}'s maps: the programs now use layout {LAYOUT_VERSION}'s",
+                if *version < LAYOUT_VERSION {
+                    "upgraded from"
+                } else {
+                    "rolled back from"
+                }
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Removes the pins of layout `version`'s maps (its directory too, for versions above 1).
+fn remove_layout(pin_dir: &Path, version: u32) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = layout_dir(pin_dir, version);
+    let mut removed = Vec::new();
+    for name in MAPS.iter().chain(&SOCKET_MAPS) {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    if version > 1 {
+        // Anything else in it is not lb's to remove: leave the directory then.
+        if let Err(e) = fs::remove_dir(&dir) {
+            debug!("left {}: {e}", dir.display());
+        }
+    }
+    Ok(removed)
+}
+
+/// Attaches an already loaded `program` to the cgroup, swapping out the link an earlier agent
+/// pinned.
 fn attach(
     ebpf: &mut Ebpf,
     program: &Program,
@@ -121,7 +278,6 @@ fn attach(
         .program_mut(program.name)
         .with_context(|| format!("the eBPF object has no {} program", program.name))?
         .try_into()?;
-    loaded.load().context("loading it into the kernel")?;
     // A cgroup BPF link takes no attach flags and always runs alongside other programs (including
     // our previous one, until it is replaced below).
     let link_id = loaded.attach(cgroup_dir, CgroupAttachMode::Single)?;
@@ -143,9 +299,9 @@ fn attach(
     Ok(())
 }
 
-/// Refuses maps the agent writes that were pinned by an agent with another map layout: reusing
-/// them would misread every entry. (The per-socket maps are replaced instead, by
-/// [`refit_socket_maps`].)
+/// Refuses maps of this layout version whose key or value sizes differ from this agent's (a
+/// build that changed a map without raising [`LAYOUT_VERSION`]): reusing them would misread every
+/// entry. (The per-socket maps are replaced instead, by [`refit_socket_maps`].)
 fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
     let expected = [
         (SERVICES_MAP, sizes::<Frontend4Key, ServiceEntry>()),
@@ -163,9 +319,10 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
         };
         if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
             bail!(
-                "pinned map {} has key/value sizes {}/{}, this agent needs {key_size}/{value_size}: \
-                 an incompatible lb version left it. Run `lb-agent reset --pin-dir {}` and start \
-                 again (Services are not load-balanced until the agent has programmed them)",
+                "pinned map {} of layout version {LAYOUT_VERSION} has key/value sizes {}/{}, this \
+                 agent needs {key_size}/{value_size}: a build that changed the map without raising \
+                 LAYOUT_VERSION left it. Run `lb-agent reset --pin-dir {}` and start again \
+                 (Services are not load-balanced until the agent has programmed them)",
                 path.display(),
                 info.key_size(),
                 info.value_size(),
@@ -237,13 +394,29 @@ fn refit_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
 /// what was removed.
 pub fn reset(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for name in pin_names() {
+    let mut links = Vec::new();
+    for name in link_pin_names() {
         let path = pin_dir.join(name);
-        match fs::remove_file(&path) {
-            Ok(()) => removed.push(path),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        if !path.exists() {
+            continue;
         }
+        let link = FdLink::from(
+            PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening the pinned link {}", path.display()))?,
+        );
+        links.push(link.info()?.id());
+        drop(link); // our fd would keep the link, and so the program, attached
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        removed.push(path);
+    }
+    wait_detached(&links)?;
+    // Every layout's maps, this agent's and any other.
+    let mut layouts = pinned_layouts(pin_dir)?;
+    layouts.push(LAYOUT_VERSION);
+    layouts.sort_unstable();
+    layouts.dedup();
+    for version in layouts {
+        removed.extend(remove_layout(pin_dir, version)?);
     }
     match fs::remove_dir(pin_dir) {
         Ok(()) => {}
@@ -251,6 +424,30 @@ pub fn reset(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         Err(e) => debug!("left {}: {e}", pin_dir.display()),
     }
     Ok(removed)
+}
+
+/// Waits until the links `ids` are gone: the kernel detaches a link whose last reference went in
+/// a work item of its own, an instant later, and `reset` promises that nothing is translated once
+/// it returns.
+fn wait_detached(ids: &[u32]) -> anyhow::Result<()> {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    loop {
+        let attached = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .filter(|link| ids.contains(&link.id()))
+            .count();
+        if attached == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > WAIT {
+            bail!(
+                "{attached} of lb's links are still attached {WAIT:?} after their pins were \
+                 removed: another process holds them (`bpftool link show` tells which)"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Makes sure `pin_dir` is on a BPF filesystem, mounting one at `/sys/fs/bpf` when that is where
