@@ -16,6 +16,10 @@
 //!    manifest files and from a stand-in API server: cold programming, endpoint-change latency (a
 //!    file renamed into place, or a watch event pushed → maps written; 200 changes each), agent
 //!    RSS after the cold start, after a periodic resync and after the changes.
+//! 5. Changes through a real API server ([`real_api`]): etcd, kube-apiserver and
+//!    kube-controller-manager, 100 IPv4 Services, 100 changes each a `kubectl apply` of one
+//!    EndpointSlice → maps written (20 with `--quick`); skipped, saying why, without the
+//!    binaries. `LB_BENCH_ONLY=real-api` runs this part alone.
 //!
 //! All traffic stays inside the testbed's namespaces; iptables rules exist only in the benchmark's
 //! own client namespace and vanish with it. Every probe is bounded in count and time.
@@ -23,6 +27,7 @@
 mod control_plane;
 mod datapath;
 mod host;
+mod real_api;
 mod report;
 mod workload;
 
@@ -59,6 +64,8 @@ pub struct Plan {
     rounds: usize,
     samples_per_round: u32,
     throughput_secs: u64,
+    /// Endpoint changes through the real API server ([`real_api`]).
+    real_api_changes: usize,
 }
 
 pub const FULL: Plan = Plan {
@@ -66,6 +73,7 @@ pub const FULL: Plan = Plan {
     rounds: 40,
     samples_per_round: 200,
     throughput_secs: 2,
+    real_api_changes: 100,
 };
 
 /// A short run to check the benchmark itself works.
@@ -74,6 +82,7 @@ pub const QUICK: Plan = Plan {
     rounds: 2,
     samples_per_round: 200,
     throughput_secs: 1,
+    real_api_changes: 20,
 };
 
 fn step(text: &str) {
@@ -81,6 +90,9 @@ fn step(text: &str) {
 }
 
 pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::Result<()> {
+    if real_api::only() {
+        return real_api::run_alone(agent_bin, plan);
+    }
     let scales: Vec<usize> = scales.unwrap_or_else(|| plan.scales.to_vec());
     let started = Instant::now();
     let largest = *scales.iter().max().context("no scales")?;
@@ -121,6 +133,7 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
         host: None,
         throughput_connects_per_s: BTreeMap::new(),
         control_plane: None,
+        real_api: None,
         run_seconds: 0.0,
         load_average: [report::load_average(), String::new()],
     };
@@ -209,6 +222,7 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
     )?);
 
     report.control_plane = Some(control_plane::measure(&mut tb, largest)?);
+    report.real_api = Some(real_api::measure(agent_bin, plan.real_api_changes)?);
     report.run_seconds = started.elapsed().as_secs_f64();
     report.load_average[1] = report::load_average();
 

@@ -22,6 +22,8 @@ pub struct Report {
     pub host: Option<HostReport>,
     pub throughput_connects_per_s: BTreeMap<&'static str, f64>,
     pub control_plane: Option<ControlPlane>,
+    /// Endpoint changes through a real API server (`kubectl apply` → maps written).
+    pub real_api: Option<super::real_api::RealApiRun>,
     /// The whole run, build excluded.
     pub run_seconds: f64,
     /// /proc/loadavg when the run started and when it ended: other work on the machine shows
@@ -116,6 +118,9 @@ pub fn print(report: &Report) {
     }
     if let Some(cp) = &report.control_plane {
         print_control_plane(cp);
+    }
+    if let Some(real_api) = &report.real_api {
+        super::real_api::print(real_api);
     }
 
     println!(
