@@ -53,6 +53,8 @@ mod bad_input;
 mod dns;
 #[path = "e2e/sockets.rs"]
 mod sockets;
+#[path = "e2e/upgrade.rs"]
+mod upgrade;
 
 type E2eTest = fn() -> anyhow::Result<()>;
 
@@ -158,6 +160,14 @@ fn main() {
         (
             "bad_input_corpus_all_at_once_through_both_sources_names_each_error_and_moves_no_other_frontend",
             bad_input::corpus,
+        ),
+        (
+            "upgrade_from_the_previous_commit_and_rollback_fail_no_connect",
+            upgrade::from_the_previous_commit_and_back,
+        ),
+        (
+            "upgrade_and_rollback_across_a_map_layout_change_fail_no_connect",
+            upgrade::across_a_layout_change_and_back,
         ),
     ];
     let trials = tests

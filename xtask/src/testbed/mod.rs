@@ -17,6 +17,7 @@
 //! ([`Testbed::add_dns_pod`]).
 
 pub mod agent;
+pub mod builds;
 pub mod cleanup;
 pub mod clients;
 pub mod cluster;
@@ -243,6 +244,12 @@ impl Testbed {
     /// nodes, [`node::Nodes`], which add pods as they come).
     pub fn switch_netns(&self) -> &str {
         self.switch.name()
+    }
+
+    /// Runs `bin` as the agent (and for `lb-agent` commands) from its next start on: another
+    /// version, for the upgrade tests ([`builds`]).
+    pub fn set_agent_bin(&mut self, bin: &Path) {
+        self.agent_bin = bin.to_owned();
     }
 
     /// Passes `flags` to `lb-agent run` at every start from now on.
