@@ -72,8 +72,12 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     step(
         "starting lb-agent on deploy/examples: Service demo/web (10.96.0.10:80) with 3 ready endpoints, demo/cache (10.96.0.20:6379) with none, kube-system/kube-dns (10.96.0.53 and fd00:96::53, UDP and TCP 53) in front of coredns-1",
     );
+    // The files only, as the agent reads a directory (seed/ holds `demo --cluster`'s manifest).
     for entry in std::fs::read_dir(&examples)? {
         let path = entry?.path();
+        if !path.is_file() {
+            continue;
+        }
         if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
             tb.write_manifest(name, &std::fs::read_to_string(&path)?)?;
         }
