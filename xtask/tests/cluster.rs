@@ -308,7 +308,7 @@ fn rollout_restart(control_plane: &ControlPlane) -> anyhow::Result<()> {
     args.duration_ms = Some(window.as_millis() as u64);
     args.interval_ms = 2;
     let started = Instant::now();
-    let clients = [bed.tb.spawn_probe(&args)?, bed.tb.spawn_probe(&args)?];
+    let clients = [bed.tb.start_probe(&args)?, bed.tb.start_probe(&args)?];
     std::thread::sleep(Duration::from_millis(300));
     eprintln!("$ kubectl rollout restart deployment web");
     eprint!(
@@ -335,7 +335,7 @@ fn rollout_restart(control_plane: &ControlPlane) -> anyhow::Result<()> {
         started.elapsed()
     );
     for client in clients {
-        let attempts = xtask::testbed::probe::collect(client)?;
+        let attempts = client.finish()?;
         let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.answer.is_none()).collect();
         let answered: BTreeSet<String> = attempts.iter().filter_map(|a| a.answer.clone()).collect();
         eprintln!(

@@ -550,6 +550,11 @@ impl Testbed {
     pub fn spawn_probe(&self, args: &ProbeArgs) -> anyhow::Result<std::process::Child> {
         probe::spawn(&self.probe_bin, args)
     }
+
+    /// Starts a probe that runs while the test goes on, its output read as it comes.
+    pub fn start_probe(&self, args: &ProbeArgs) -> anyhow::Result<probe::Running> {
+        probe::start(&self.probe_bin, args)
+    }
 }
 
 impl Drop for Testbed {

@@ -498,6 +498,25 @@ pub fn collect_echo(child: Child) -> anyhow::Result<EchoSummary> {
     serde_json::from_slice(&out.stdout).context("bad probe summary")
 }
 
+/// A probe process whose output is read as it comes: a long run's output would fill the pipe,
+/// and the probe would stall on its writes, not connecting, until someone read it.
+pub struct Running(std::thread::JoinHandle<anyhow::Result<Vec<Attempt>>>);
+
+impl Running {
+    /// Waits for the probe to end; its attempts.
+    pub fn finish(self) -> anyhow::Result<Vec<Attempt>> {
+        self.0
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread reading a probe's output panicked"))?
+    }
+}
+
+/// Starts a probe process and reads its output as it comes ([`Running`]).
+pub fn start(exe: &Path, args: &ProbeArgs) -> anyhow::Result<Running> {
+    let child = spawn(exe, args)?;
+    Ok(Running(std::thread::spawn(move || collect(child))))
+}
+
 /// Waits for a probe process and parses its attempts.
 pub fn collect(child: Child) -> anyhow::Result<Vec<Attempt>> {
     let out = child.wait_with_output()?;
