@@ -68,6 +68,12 @@ pub struct RunArgs {
     /// About 100 bytes of kernel memory per entry and map.
     #[arg(long, default_value_t = lb_common::DEFAULT_SOCKET_MAP_ENTRIES, value_name = "N")]
     pub socket_map_entries: u32,
+    /// Entries of each session affinity LRU map (IPv4 and IPv6): one per client (network
+    /// namespace) and frontend with `sessionAffinity: ClientIP`. When full, the least recently
+    /// used goes, and that client picks anew at its next connect. About 100 bytes of kernel
+    /// memory per entry and map.
+    #[arg(long, default_value_t = lb_common::DEFAULT_AFFINITY_MAP_ENTRIES, value_name = "N")]
+    pub affinity_map_entries: u32,
     /// How often the pinned maps are compared with the wanted state: an entry changed or deleted
     /// behind the agent's back (with bpftool, say) is repaired within one interval, and
     /// frontends that failed to program are retried.

@@ -105,7 +105,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     } else {
         aya_log::Level::Info
     };
-    let loaded = bpf::load(&args.pin_dir, &cgroup, ebpf_level, args.socket_map_entries)?;
+    let lru = bpf::LruSizes {
+        socket: args.socket_map_entries,
+        affinity: args.affinity_map_entries,
+    };
+    let loaded = bpf::load(&args.pin_dir, &cgroup, ebpf_level, lru)?;
     relay_ebpf_logs(loaded.logger)?;
     let attach = loaded.attach;
     let dataplane = Dataplane::adopt(loaded.maps)?;

@@ -34,6 +34,12 @@
 //! | `LB6_REVERSE`       | [`Reverse6Key`]    | [`ServiceAddr6`]  | connect6, sendmsg6 | recvmsg6, getpeername6 |
 //! | `LB4_SOCK_BACKEND`  | [`SockFrontend4Key`] | [`SockBackend4`] | sendmsg4/6 | sendmsg4/6 |
 //! | `LB6_SOCK_BACKEND`  | [`SockFrontend6Key`] | [`SockBackend6`] | sendmsg6 | sendmsg6 |
+//! | `LB4_AFFINITY`      | [`AffinityKey`]    | [`Affinity4`]     | connect4/6, sendmsg4/6 | the same |
+//! | `LB6_AFFINITY`      | [`AffinityKey`]    | [`Affinity6`]     | connect6, sendmsg6 | the same |
+//!
+//! `*_AFFINITY` (sized by `--affinity-map-entries`) keeps, for a frontend with session affinity,
+//! the backend each client (network namespace) got, while it is in the set and the frontend's
+//! timeout has not passed since the client's last connect.
 //!
 //! `*_REVERSE` turns a translated socket's backend back into the frontend it addressed, so replies
 //! (recvmsg) and the socket's peer (getpeername) show the ClusterIP. `*_SOCK_BACKEND` keeps the
@@ -62,7 +68,10 @@
 
 /// The version of the maps' layout (see the module documentation). The `layout-test` feature
 /// builds a layout made different on purpose, for the tests of upgrades and rollbacks.
-pub const LAYOUT_VERSION: u32 = if cfg!(feature = "layout-test") { 2 } else { 1 };
+///
+/// - 1: the maps as they were before versions existed.
+/// - 2: [`ServiceEntry::affinity_timeout_s`] (session affinity) and the `*_AFFINITY` maps.
+pub const LAYOUT_VERSION: u32 = if cfg!(feature = "layout-test") { 3 } else { 2 };
 
 /// Capacity of the service (frontend) maps. A frontend is one ClusterIP × port × protocol.
 pub const MAX_SERVICES: u32 = 65_536;
@@ -120,17 +129,26 @@ pub struct ServiceEntry {
     pub backend_count: u16,
     /// [`service_flags`] bits.
     pub flags: u16,
+    /// `sessionAffinity: ClientIP`: how long, in seconds since its last connect, a client keeps
+    /// the backend it got (its entry in `*_AFFINITY`); 0: no affinity, every connect picks.
+    pub affinity_timeout_s: u32,
     /// The field the `layout-test` layout adds: a value that grew, as a future version's will.
     #[cfg(feature = "layout-test")]
     pub layout_test: u32,
 }
 
 impl ServiceEntry {
-    pub const fn new(service_id: u32, backend_count: u16, flags: u16) -> Self {
+    pub const fn new(
+        service_id: u32,
+        backend_count: u16,
+        flags: u16,
+        affinity_timeout_s: u32,
+    ) -> Self {
         Self {
             service_id,
             backend_count,
             flags,
+            affinity_timeout_s,
             #[cfg(feature = "layout-test")]
             layout_test: 0x5eed,
         }
@@ -307,6 +325,36 @@ pub struct SockBackend6 {
     pub backend: Backend6,
 }
 
+/// Key of `LB4_AFFINITY` and `LB6_AFFINITY`: one client of one frontend with session affinity.
+/// At the socket layer the client is its network namespace (`bpf_get_netns_cookie`): its source
+/// address is not chosen yet when it connects, and a Pod is one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of `LB4_AFFINITY`: the backend the client got, and when it last connected (monotonic
+/// nanoseconds, `bpf_ktime_get_ns`). It holds while the frontend's timeout has not passed since
+/// then and `LB4_MEMBERS` has the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Affinity4 {
+    pub backend: Backend4,
+    pub last_used_ns: u64,
+}
+
+/// Value of `LB6_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Affinity6 {
+    pub backend: Backend6,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
 /// Key of `LB4_MEMBERS`: a backend of a service's current set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -388,6 +436,10 @@ impl BackendMember {
 /// Default capacity of each per-socket LRU map (`--socket-map-entries`).
 pub const DEFAULT_SOCKET_MAP_ENTRIES: u32 = 65_536;
 
+/// Default capacity of each session affinity LRU map (`--affinity-map-entries`): clients ×
+/// frontends with affinity.
+pub const DEFAULT_AFFINITY_MAP_ENTRIES: u32 = 65_536;
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -412,6 +464,9 @@ mod user {
     unsafe impl aya::Pod for BackendMember4Key {}
     unsafe impl aya::Pod for BackendMember6Key {}
     unsafe impl aya::Pod for BackendMember {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity4 {}
+    unsafe impl aya::Pod for Affinity6 {}
 }
 
 #[cfg(test)]
@@ -433,11 +488,27 @@ mod tests {
 
     #[test]
     fn service_entry_layout() {
-        let size = if cfg!(feature = "layout-test") { 12 } else { 8 };
+        let size = if cfg!(feature = "layout-test") {
+            16
+        } else {
+            12
+        };
         assert_eq!(size_of::<ServiceEntry>(), size);
+        assert_eq!(offset_of!(ServiceEntry, affinity_timeout_s), 8);
         assert_eq!(offset_of!(ServiceEntry, service_id), 0);
         assert_eq!(offset_of!(ServiceEntry, backend_count), 4);
         assert_eq!(offset_of!(ServiceEntry, flags), 6);
+    }
+
+    #[test]
+    fn affinity_layout() {
+        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(offset_of!(AffinityKey, service_id), 8);
+        assert_eq!(size_of::<Affinity4>(), 16);
+        assert_eq!(offset_of!(Affinity4, last_used_ns), 8);
+        assert_eq!(size_of::<Affinity6>(), 32);
+        assert_eq!(offset_of!(Affinity6, _pad), 20);
+        assert_eq!(offset_of!(Affinity6, last_used_ns), 24);
     }
 
     #[test]

@@ -8,13 +8,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
-    DEFAULT_SOCKET_MAP_ENTRIES, Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS, MAX_SERVICES,
-    Reverse4Key, Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceEntry, ServiceName, SockBackend4,
-    SockBackend6, SockFrontend4Key, SockFrontend6Key,
+    Affinity4, Affinity6, AffinityKey, Backend4, Backend6, BackendMember, BackendMember4Key,
+    BackendMember6Key, BackendSlotKey, DEFAULT_AFFINITY_MAP_ENTRIES, DEFAULT_SOCKET_MAP_ENTRIES,
+    Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS, MAX_SERVICES, Reverse4Key, Reverse6Key,
+    ServiceAddr4, ServiceAddr6, ServiceEntry, ServiceName, SockBackend4, SockBackend6,
+    SockFrontend4Key, SockFrontend6Key,
 };
 
 const SOCKET_MAP_ENTRIES: usize = DEFAULT_SOCKET_MAP_ENTRIES as usize;
+const AFFINITY_MAP_ENTRIES: usize = DEFAULT_AFFINITY_MAP_ENTRIES as usize;
 
 #[btf_map]
 static LB4_SERVICES: HashMap<Frontend4Key, ServiceEntry, { MAX_SERVICES as usize }> =
@@ -60,6 +62,14 @@ static LB4_SOCK_BACKEND: LruHashMap<SockFrontend4Key, SockBackend4, SOCKET_MAP_E
 static LB6_SOCK_BACKEND: LruHashMap<SockFrontend6Key, SockBackend6, SOCKET_MAP_ENTRIES> =
     LruHashMap::new();
 
+// Session affinity, per client network namespace and frontend: LRU as well (the agent sizes
+// them at load time).
+#[btf_map]
+static LB4_AFFINITY: LruHashMap<AffinityKey, Affinity4, AFFINITY_MAP_ENTRIES> = LruHashMap::new();
+
+#[btf_map]
+static LB6_AFFINITY: LruHashMap<AffinityKey, Affinity6, AFFINITY_MAP_ENTRIES> = LruHashMap::new();
+
 /// An address family's maps and address format. Addresses are network-order bytes, ports host
 /// order, as in the maps.
 pub trait Family {
@@ -84,6 +94,11 @@ pub trait Family {
         service_id: u32,
         backend: &Self::Backend,
     );
+
+    /// The backend a client got from a frontend with session affinity, and when it last
+    /// connected.
+    fn affinity(key: &AffinityKey) -> Option<(Self::Backend, u64)>;
+    fn remember_affinity(key: &AffinityKey, backend: &Self::Backend, now_ns: u64);
 
     /// Records that this socket's `backend` stands for the frontend `address:port`.
     fn remember_reverse(cookie: u64, backend: &Self::Backend, address: Self::Addr, port: u16);
@@ -164,6 +179,21 @@ impl Family for Inet {
             backend: *backend,
         };
         let _ = LB4_SOCK_BACKEND.insert(&key, &value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn affinity(key: &AffinityKey) -> Option<(Backend4, u64)> {
+        // SAFETY: read-only access to a value the kernel keeps alive during this program.
+        unsafe { LB4_AFFINITY.get(key) }.map(|v| (v.backend, v.last_used_ns))
+    }
+
+    #[inline(always)]
+    fn remember_affinity(key: &AffinityKey, backend: &Backend4, now_ns: u64) {
+        let value = Affinity4 {
+            backend: *backend,
+            last_used_ns: now_ns,
+        };
+        let _ = LB4_AFFINITY.insert(key, &value, u64::from(BPF_ANY));
     }
 
     #[inline(always)]
@@ -282,6 +312,22 @@ impl Family for Inet6 {
             backend: *backend,
         };
         let _ = LB6_SOCK_BACKEND.insert(&key, &value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn affinity(key: &AffinityKey) -> Option<(Backend6, u64)> {
+        // SAFETY: read-only access to a value the kernel keeps alive during this program.
+        unsafe { LB6_AFFINITY.get(key) }.map(|v| (v.backend, v.last_used_ns))
+    }
+
+    #[inline(always)]
+    fn remember_affinity(key: &AffinityKey, backend: &Backend6, now_ns: u64) {
+        let value = Affinity6 {
+            backend: *backend,
+            _pad: 0,
+            last_used_ns: now_ns,
+        };
+        let _ = LB6_AFFINITY.insert(key, &value, u64::from(BPF_ANY));
     }
 
     #[inline(always)]

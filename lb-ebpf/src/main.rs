@@ -8,6 +8,10 @@
 //! - `recvmsg4`/`recvmsg6`: replies to a translated datagram show the frontend as their source;
 //! - `getpeername4`/`getpeername6`: a translated socket reports the frontend as its peer.
 //!
+//! A frontend with session affinity (`sessionAffinity: ClientIP`) sends each client, identified by
+//! its network namespace, to the backend it got last time, while that backend is in the set and
+//! the frontend's timeout has not passed since the client's last connect.
+//!
 //! A socket that addresses anything else costs one map lookup and is left alone. IPv4 Services
 //! reached through IPv4-mapped addresses (`::ffff:a.b.c.d`) on AF_INET6 sockets are served from
 //! the IPv4 maps. The maps are described in lb-common.
@@ -17,12 +21,14 @@
 mod family;
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use lb_common::ServiceEntry;
+use lb_common::{AffinityKey, ServiceEntry};
 
 use family::{Family, Inet, Inet6, Inet6Addr};
 
@@ -116,7 +122,7 @@ fn connect<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
     if service.backend_count == 0 {
         return Verdict::Refuse(service);
     }
-    let Some(backend) = pick::<F>(ctx, &service) else {
+    let Some(backend) = choose::<F>(ctx, &service) else {
         return Verdict::Untouched;
     };
     F::remember_reverse(cookie(ctx), &backend, address, port);
@@ -149,12 +155,42 @@ fn sendmsg<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
         }
         return Verdict::Translate(backend);
     }
-    let Some(backend) = pick::<F>(ctx, &service) else {
+    let Some(backend) = choose::<F>(ctx, &service) else {
         return Verdict::Untouched;
     };
     F::remember_sock_backend(cookie, &frontend, service.service_id, &backend);
     F::remember_reverse(cookie, &backend, address, port);
     Verdict::Translate(backend)
+}
+
+/// The backend for a new connect (or a socket's first datagram): with session affinity, the one
+/// this client (network namespace) got last time, while it is in the set and the timeout has not
+/// passed since; otherwise, and then remembered, a random one.
+#[inline(always)]
+fn choose<F: Family>(ctx: &SockAddrContext, service: &ServiceEntry) -> Option<F::Backend> {
+    if service.affinity_timeout_s == 0 {
+        return pick::<F>(ctx, service);
+    }
+    let key = AffinityKey {
+        // SAFETY: sock_addr programs pass their context to bpf_get_netns_cookie.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+        service_id: service.service_id,
+        _pad: 0,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
+    let backend = match F::affinity(&key) {
+        Some((backend, last_used))
+            if now.saturating_sub(last_used) < timeout_ns
+                && F::is_member(service.service_id, &backend) =>
+        {
+            backend
+        }
+        _ => pick::<F>(ctx, service)?,
+    };
+    F::remember_affinity(&key, &backend, now);
+    Some(backend)
 }
 
 /// The backend in a random slot of the service's (non-empty) backend set.

@@ -47,6 +47,8 @@ fn web() -> SocketAddr {
 }
 
 // Beside this file rather than in tests/, where cargo would take them for test targets.
+#[path = "e2e/affinity.rs"]
+mod affinity;
 #[path = "e2e/bad_input.rs"]
 mod bad_input;
 #[path = "e2e/dns.rs"]
@@ -162,8 +164,16 @@ fn main() {
             bad_input::corpus,
         ),
         (
-            "upgrade_from_the_previous_commit_and_rollback_fail_no_connect",
-            upgrade::from_the_previous_commit_and_back,
+            "session_affinity_keeps_each_client_on_its_backend_until_it_leaves_or_the_timeout_passes",
+            affinity::client_ip,
+        ),
+        (
+            "upgrade_from_an_agent_before_versioned_layouts_fails_no_connect",
+            upgrade::from_before_versioned_layouts,
+        ),
+        (
+            "upgrade_from_the_previous_layout_and_rollback_fail_no_connect",
+            upgrade::from_the_previous_layout_and_back,
         ),
         (
             "upgrade_and_rollback_across_a_map_layout_change_fail_no_connect",
@@ -208,11 +218,11 @@ fn probe_web_for(
     tb: &Testbed,
     duration_ms: u64,
     interval_ms: u64,
-) -> anyhow::Result<std::process::Child> {
+) -> anyhow::Result<xtask::testbed::probe::Running> {
     let mut args = tb.probe_args(web(), 100_000);
     args.duration_ms = Some(duration_ms);
     args.interval_ms = interval_ms;
-    tb.spawn_probe(&args)
+    tb.start_probe(&args)
 }
 
 /// `count` web pods, all of them in the web manifest, and the agent running on it.
@@ -277,7 +287,7 @@ fn scale_up() -> anyhow::Result<()> {
     thread::sleep(Duration::from_millis(500));
     let written_at = now_us();
     tb.write_manifest("web.yaml", &web_manifest(&pods))?;
-    let attempts = xtask::testbed::probe::collect(probe)?;
+    let attempts = probe.finish()?;
 
     answers(&attempts).context("while the backend set grew")?;
     for new in ["web-4", "web-5"] {
@@ -452,7 +462,7 @@ fn restart() -> anyhow::Result<()> {
     thread::sleep(Duration::from_millis(1_000));
     let restarted_at = now_us();
     tb.start_agent()?;
-    let attempts = xtask::testbed::probe::collect(probe)?;
+    let attempts = probe.finish()?;
 
     let counts = answers(&attempts).context("across the agent's restart")?;
     ensure!(counts.len() == 3, "{counts:?}");
@@ -858,7 +868,7 @@ fn kube_outage() -> anyhow::Result<()> {
         ENDPOINT_SLICES,
         &json!({"type": "MODIFIED", "object": slice}),
     );
-    let during = xtask::testbed::probe::collect(probe)?;
+    let during = probe.finish()?;
     answers(&during).context("while the API server was down")?;
 
     let mark = tb.agent().mark();
@@ -894,7 +904,7 @@ fn kube_restart() -> anyhow::Result<()> {
     tb.agent().wait_ready(Duration::from_secs(20))?;
     adopted_without_writes(&mut tb)?;
 
-    let attempts = xtask::testbed::probe::collect(probe)?;
+    let attempts = probe.finish()?;
     let counts = answers(&attempts).context("across the restart")?;
     ensure!(counts.len() == 3, "{counts:?}");
     Ok(())
@@ -1011,7 +1021,7 @@ fn failed_write_retried() -> anyhow::Result<()> {
             _pad: 0,
         })
     };
-    let refuse = ServiceEntry::new(u32::MAX, 0, 0);
+    let refuse = ServiceEntry::new(u32::MAX, 0, 0, 0);
     let mut filled = 0;
     loop {
         match maps.write(&Write::PutService(junk(filled), refuse)) {

@@ -101,6 +101,7 @@ impl Snapshot {
                 let programmed = ProgrammedFrontend {
                     service_id,
                     name,
+                    affinity_timeout_s: entry.affinity_timeout_s,
                     slots,
                 };
                 (frontend, programmed)
@@ -550,6 +551,7 @@ fn wanted_frontend(
     let service = &state.service;
     Ok(WantedFrontend {
         name: ServiceName::new(&service.namespace, &service.name, &service.port),
+        affinity_timeout_s: state.affinity_timeout_s.unwrap_or(0),
         backends,
     })
 }
@@ -558,6 +560,7 @@ fn wanted_frontend(
 fn keep(current: &ProgrammedFrontend) -> WantedFrontend {
     WantedFrontend {
         name: current.name,
+        affinity_timeout_s: current.affinity_timeout_s,
         backends: current.slots.iter().flatten().copied().collect(),
     }
 }

@@ -88,6 +88,8 @@ impl BackendAddr {
 pub struct ProgrammedFrontend {
     pub service_id: u32,
     pub name: ServiceName,
+    /// Session affinity's timeout in seconds, as the entry holds it; 0: none.
+    pub affinity_timeout_s: u32,
     /// Slot `i` is `slots[i]`; `None` where the map lacks a slot below the count (only after an
     /// interrupted write by an earlier agent), which the next plan rewrites.
     pub slots: Vec<Option<BackendAddr>>,
@@ -97,6 +99,8 @@ pub struct ProgrammedFrontend {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WantedFrontend {
     pub name: ServiceName,
+    /// Session affinity's timeout in seconds; 0: none.
+    pub affinity_timeout_s: u32,
     pub backends: BTreeSet<BackendAddr>,
 }
 
@@ -236,7 +240,10 @@ fn add(frontend: FrontendKey, want: &WantedFrontend, service_id: u32) -> Fronten
             .enumerate()
             .map(|(slot, b)| Write::PutBackend(slot_key(service_id, slot), *b)),
     );
-    writes.push(Write::PutService(frontend, entry(service_id, slots.len())));
+    writes.push(Write::PutService(
+        frontend,
+        entry(service_id, slots.len(), want.affinity_timeout_s),
+    ));
     FrontendChange {
         frontend,
         kind: ChangeKind::Added,
@@ -244,6 +251,7 @@ fn add(frontend: FrontendKey, want: &WantedFrontend, service_id: u32) -> Fronten
         after: Some(ProgrammedFrontend {
             service_id,
             name: want.name,
+            affinity_timeout_s: want.affinity_timeout_s,
             slots: slots.into_iter().map(Some).collect(),
         }),
     }
@@ -272,8 +280,11 @@ fn update(
             writes.push(Write::PutBackend(slot_key(id, slot), *backend));
         }
     }
-    if slots.len() != current.slots.len() {
-        writes.push(Write::PutService(frontend, entry(id, slots.len())));
+    // The entry holds the count and the affinity: rewritten when either changes (a changed
+    // affinity alone is one write, seen whole by the next connect).
+    if slots.len() != current.slots.len() || want.affinity_timeout_s != current.affinity_timeout_s {
+        let entry = entry(id, slots.len(), want.affinity_timeout_s);
+        writes.push(Write::PutService(frontend, entry));
     }
     let family = frontend.family();
     writes.extend(
@@ -295,6 +306,7 @@ fn update(
         after: Some(ProgrammedFrontend {
             service_id: id,
             name: want.name,
+            affinity_timeout_s: want.affinity_timeout_s,
             slots: slots.into_iter().map(Some).collect(),
         }),
     })
@@ -354,8 +366,8 @@ fn slot_key(service_id: u32, slot: usize) -> BackendSlotKey {
     }
 }
 
-fn entry(service_id: u32, count: usize) -> ServiceEntry {
-    ServiceEntry::new(service_id, count as u16, 0)
+fn entry(service_id: u32, count: usize, affinity_timeout_s: u32) -> ServiceEntry {
+    ServiceEntry::new(service_id, count as u16, 0, affinity_timeout_s)
 }
 
 /// Hands out the lowest service ids not in use. Ids of frontends removed in the same plan stay
@@ -458,6 +470,7 @@ mod tests {
             ProgrammedFrontend {
                 service_id: 7,
                 name: name(),
+                affinity_timeout_s: 0,
                 slots: current(lasts),
             },
         )]
@@ -469,6 +482,7 @@ mod tests {
             fe(),
             WantedFrontend {
                 name: name(),
+                affinity_timeout_s: 0,
                 backends: set(lasts),
             },
         )]
@@ -485,6 +499,20 @@ mod tests {
     fn only_writes(changes: &[FrontendChange]) -> &[Write] {
         assert_eq!(changes.len(), 1);
         &changes[0].writes
+    }
+
+    #[test]
+    fn a_changed_session_affinity_rewrites_only_the_entry() {
+        let mut with_affinity = wanted(&[1, 2, 3]);
+        with_affinity.get_mut(&fe()).unwrap().affinity_timeout_s = 60;
+        let changes = plan(&programmed(&[1, 2, 3]), &with_affinity, Scope::All);
+        assert_eq!(
+            only_writes(&changes),
+            [Write::PutService(fe(), entry(7, 3, 60))]
+        );
+        let after = changes[0].after.as_ref().unwrap();
+        assert_eq!(after.affinity_timeout_s, 60);
+        assert_eq!(after.slots, current(&[1, 2, 3]));
     }
 
     #[test]
@@ -525,7 +553,7 @@ mod tests {
                     },
                     b(2)
                 ),
-                Write::PutService(fe(), entry(1, 2)),
+                Write::PutService(fe(), entry(1, 2, 0)),
             ]
         );
     }
@@ -542,7 +570,7 @@ mod tests {
             only_writes(&changes),
             [
                 Write::PutBackend(slot(1), b(5)),
-                Write::PutService(fe(), entry(7, 3)),
+                Write::PutService(fe(), entry(7, 3, 0)),
                 Write::DeleteBackend(Family::V4, slot(3)),
                 Write::DeleteBackend(Family::V4, slot(4)),
                 Write::DeleteMember(7, b(2)),
@@ -559,7 +587,7 @@ mod tests {
             [
                 Write::PutMember(7, b(2)),
                 Write::PutBackend(slot(1), b(2)),
-                Write::PutService(fe(), entry(7, 2)),
+                Write::PutService(fe(), entry(7, 2, 0)),
             ]
         );
     }

@@ -261,6 +261,7 @@ fn desired(frontends: &[(u16, &[u8])]) -> DesiredState {
                             port: String::new(),
                         },
                         backends: lasts.iter().map(|&l| backend(l)).collect(),
+                        affinity_timeout_s: None,
                     },
                 )
             })
@@ -827,7 +828,7 @@ mod reconciler {
         // A service entry the agent never wrote, with a slot; a slot above the count; a member of
         // no slot; a name of no entry; and a member entry deleted.
         let stray = frontend_key(&frontend(99));
-        s.services.insert(stray, ServiceEntry::new(50, 1, 0));
+        s.services.insert(stray, ServiceEntry::new(50, 1, 0, 0));
         s.backends.insert(slot(50, 0), backend4(7));
         s.backends.insert(slot(id, 5), backend4(8));
         s.members.insert((77, backend4(8)));

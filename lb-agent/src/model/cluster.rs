@@ -455,6 +455,7 @@ impl Cluster {
                     FrontendState {
                         service: name.clone(),
                         backends,
+                        affinity_timeout_s: service.affinity_timeout_s,
                     },
                 ));
             }

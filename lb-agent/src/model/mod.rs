@@ -13,6 +13,8 @@
 //!   slices counts once.
 //! - Services labelled `service.kubernetes.io/service-proxy-name` belong to that proxy (unless it
 //!   is ours), and slices labelled `service.kubernetes.io/headless` are skipped.
+//! - `sessionAffinity: ClientIP` gives each frontend of the Service its timeout
+//!   (`sessionAffinityConfig.clientIP.timeoutSeconds`, 10 800 s unless set, 1–86 400).
 //! - Which endpoints this node uses follows kube-proxy's topology rules ([`topology`]):
 //!   `internalTrafficPolicy: Local`, topology hints and `trafficDistribution`, ready endpoints
 //!   first and serving+terminating ones when none is ready.
@@ -165,6 +167,9 @@ impl fmt::Display for ServicePortName {
 pub struct FrontendState {
     pub service: ServicePortName,
     pub backends: BTreeSet<Backend>,
+    /// `sessionAffinity: ClientIP`: how long a client keeps its backend after its last connect,
+    /// in seconds (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+    pub affinity_timeout_s: Option<u32>,
 }
 
 /// Everything the dataplane should hold.

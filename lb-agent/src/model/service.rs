@@ -57,12 +57,20 @@ impl ServiceInput {
     }
 }
 
-/// A Service's frontends by port, and the policy its endpoints are chosen by.
+/// A Service's frontends by port, the policy its endpoints are chosen by, and its session
+/// affinity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct ServiceFrontends {
     pub policy: Policy,
     pub ports: Vec<PortFrontends>,
+    /// `sessionAffinity: ClientIP`'s timeout in seconds; `None` without affinity.
+    pub affinity_timeout_s: Option<u32>,
 }
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not set (three hours), and the most the
+/// API server allows (a day).
+const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
 /// The frontends of one Service port (one per ClusterIP, so two on a dual-stack Service).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -189,7 +197,44 @@ fn parse_frontends(svc: &Service, problems: &mut Vec<Problem>) -> Option<Service
         }
     };
     let policy = Policy { local };
-    Some(ServiceFrontends { policy, ports: out })
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t @ 1..=MAX_AFFINITY_TIMEOUT_S) => Some(t as u32),
+                Some(t) => {
+                    problem(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!(
+                            "{t} is not a timeout; must be greater than 0 and less than \
+                             {MAX_AFFINITY_TIMEOUT_S}; using {DEFAULT_AFFINITY_TIMEOUT_S}"
+                        ),
+                    );
+                    Some(DEFAULT_AFFINITY_TIMEOUT_S)
+                }
+            }
+        }
+        Some(other) => {
+            problem(
+                "spec.sessionAffinity".into(),
+                format!(
+                    "{other:?} is not a session affinity; expected ClientIP or None; using None"
+                ),
+            );
+            None
+        }
+    };
+    Some(ServiceFrontends {
+        policy,
+        ports: out,
+        affinity_timeout_s,
+    })
 }
 
 /// A port number as Kubernetes allows it (1-65535), or what is wrong with it.

@@ -36,6 +36,9 @@ struct NodeSpec {
 struct ExpectedFrontend {
     service: String,
     backends: Vec<String>,
+    /// Session affinity's timeout in seconds; absent: none.
+    #[serde(default)]
+    affinity: Option<u32>,
 }
 
 #[test]
@@ -78,6 +81,7 @@ fn translate_table() {
                     ExpectedFrontend {
                         service: state.service.to_string(),
                         backends: state.backends.iter().map(ToString::to_string).collect(),
+                        affinity: state.affinity_timeout_s,
                     },
                 )
             })
@@ -214,6 +218,7 @@ fn real_api_server_objects_per_node() {
                     ExpectedFrontend {
                         service: s.service.to_string(),
                         backends,
+                        affinity: s.affinity_timeout_s,
                     },
                 )
             })

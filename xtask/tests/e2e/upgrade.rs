@@ -1,11 +1,18 @@
 //! Upgrades and rollbacks of the agent, as a DaemonSet rolling update makes them: the running
-//! agent stops, another version starts over the same pins, then the first comes back. Two clients
-//! connect without pause the whole time; none may fail, and the maps end up as a fresh start of
-//! the version left running would write them.
+//! agent stops, another version starts over the same pins, and so on. Two clients connect without
+//! pause the whole time; none may fail, and the maps end up as a fresh start of the version left
+//! running would write them.
+//!
+//! The versions: the last commit before versioned map layouts (layout 1, pinned where version 1's
+//! are, and no notion of versions: it attaches its programs before its first sync); the last
+//! commit of layout 1 with versioned layouts; this tree (layout 2: session affinity); and this
+//! tree built with `layout-test` (the next layout).
 
 use std::{path::Path, thread, time::Duration};
 
 use anyhow::{Context as _, ensure};
+use lb_agent::dataplane::bpf::pinned_layouts;
+use lb_common::LAYOUT_VERSION;
 use xtask::testbed::{PodSpec, Testbed, agent, builds, probe::Attempt};
 
 use super::{HTTP, probe_web_for, testbed, web_manifest};
@@ -14,57 +21,73 @@ use super::{HTTP, probe_web_for, testbed, web_manifest};
 /// maps where layout version 1's are pinned.
 const BEFORE_VERSIONED_LAYOUTS: &str = "2a1bec2f722afd597c66e3f834b64a89fa0028d7";
 
-/// How long the clients connect: longer than the two restarts take (checked).
+/// The last commit of layout version 1, with versioned layouts (before session affinity).
+const LAST_LAYOUT_1: &str = "de84e2e80f4d3623f762a42bd33f0325aa939129";
+
+/// How long the clients connect: longer than the restarts take (checked).
 const WINDOW: Duration = Duration::from_secs(15);
 
-/// The previous commit's agent, then this tree's, then the previous one's again (same layout).
-pub fn from_the_previous_commit_and_back() -> anyhow::Result<()> {
-    let previous = builds::agent_at_commit(BEFORE_VERSIONED_LAYOUTS)?;
-    roll(&previous, &agent::default_bin(), |_, _| Ok(()))
+/// The agent from before versioned layouts, then this tree's (another layout). Upgrade only: that
+/// agent, started again over another layout's maps, would attach its programs before programming
+/// the maps it then creates, and refuse connects for an instant; the README says to roll back to
+/// a version with versioned layouts.
+pub fn from_before_versioned_layouts() -> anyhow::Result<()> {
+    let before = builds::agent_at_commit(BEFORE_VERSIONED_LAYOUTS)?;
+    roll(
+        &[&before, &agent::default_bin()],
+        pins_of(&[1, LAYOUT_VERSION]),
+    )
 }
 
-/// This tree's agent (layout version 1), then the same agent built with a field added to a map
-/// value (`layout-test`: version 2), then version 1 again. The upgrade fills version 2's maps
-/// beside version 1's and removes those only once its programs are attached; the rollback does
-/// the same the other way.
+/// The last commit of layout 1, then this tree's (layout 2), then layout 1 again.
+pub fn from_the_previous_layout_and_back() -> anyhow::Result<()> {
+    let previous = builds::agent_at_commit(LAST_LAYOUT_1)?;
+    let current = agent::default_bin();
+    roll(
+        &[&previous, &current, &previous],
+        pins_of(&[1, LAYOUT_VERSION, 1]),
+    )
+}
+
+/// This tree's agent, then the same agent built with a field added to a map value
+/// (`layout-test`: the next layout version), then this one again. The upgrade fills the next
+/// version's maps beside the current ones and removes those only once its programs are attached;
+/// the rollback does the same the other way.
 pub fn across_a_layout_change_and_back() -> anyhow::Result<()> {
     let changed = builds::agent_with_features(&["layout-test"])?;
-    roll(&agent::default_bin(), &changed, |tb, running| {
-        let v1 = tb.pin_dir().join("LB4_SERVICES");
-        let v2 = tb.pin_dir().join("v2");
-        let (want_v1, want_v2) = match running {
-            Running::First => (true, false),
-            Running::Second => (false, true),
-        };
+    let current = agent::default_bin();
+    roll(
+        &[&current, &changed, &current],
+        pins_of(&[LAYOUT_VERSION, LAYOUT_VERSION + 1, LAYOUT_VERSION]),
+    )
+}
+
+/// A check that, with agent `i` running, only layout `versions[i]`'s maps are pinned.
+fn pins_of(versions: &[u32]) -> impl Fn(&Testbed, usize) -> anyhow::Result<()> {
+    let versions = versions.to_vec();
+    move |tb, i| {
+        let pinned = pinned_layouts(tb.pin_dir())?;
         ensure!(
-            v1.exists() == want_v1 && v2.join("LB4_SERVICES").exists() == want_v2,
-            "with the {running:?} agent running: version 1's maps {}, version 2's {}",
-            if v1.exists() { "pinned" } else { "gone" },
-            if v2.exists() { "pinned" } else { "gone" },
+            pinned == [versions[i]],
+            "with agent {i} running, the pins hold layouts {pinned:?}, not only {}",
+            versions[i]
         );
         Ok(())
-    })
+    }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Running {
-    First,
-    Second,
-}
-
-/// Runs `first`, upgrades to `second`, rolls back to `first`, under continuous connects;
-/// `check_pins` looks at the pins with each version running.
+/// Runs `agents` one after the other over the same pins, under continuous connects; `check_pins`
+/// looks at the pins with each one running.
 fn roll(
-    first: &Path,
-    second: &Path,
-    check_pins: impl Fn(&Testbed, Running) -> anyhow::Result<()>,
+    agents: &[&Path],
+    check_pins: impl Fn(&Testbed, usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let pods = PodSpec::numbered("web", 3, &[HTTP]);
     let mut tb = testbed(&pods)?;
     tb.write_manifest("web.yaml", &web_manifest(&pods))?;
-    tb.set_agent_bin(first);
+    tb.set_agent_bin(agents[0]);
     tb.start_agent()?;
-    check_pins(&tb, Running::First)?;
+    check_pins(&tb, 0)?;
 
     let started = std::time::Instant::now();
     let window = WINDOW.as_millis() as u64;
@@ -73,34 +96,34 @@ fn roll(
         probe_web_for(&tb, window, 2)?,
     ];
     thread::sleep(Duration::from_millis(300));
-    for (bin, running) in [(second, Running::Second), (first, Running::First)] {
+    for (running, bin) in agents.iter().enumerate().skip(1) {
         tb.stop_agent()?;
         tb.set_agent_bin(bin);
         tb.start_agent()
-            .with_context(|| format!("starting the {running:?} agent, {}", bin.display()))?;
+            .with_context(|| format!("starting agent {running}, {}", bin.display()))?;
         check_pins(&tb, running)?;
         let maps: lb_agent::list::Listing = serde_json::from_str(&listing(&tb)?)?;
         let web = maps
             .frontends
             .iter()
             .find(|row| row.service.name == "web")
-            .with_context(|| format!("the {running:?} agent's maps have no web: {maps:?}"))?;
+            .with_context(|| format!("agent {running}'s maps have no web: {maps:?}"))?;
         ensure!(
             web.backends.len() == pods.len(),
-            "the {running:?} agent's maps: {web:?}"
+            "agent {running}'s maps: {web:?}"
         );
         thread::sleep(Duration::from_millis(500));
     }
     ensure!(
         started.elapsed() + Duration::from_secs(1) < WINDOW,
-        "the upgrade and the rollback took {:?}, longer than the clients' window",
+        "the agents' restarts took {:?}, longer than the clients' window",
         started.elapsed()
     );
     for client in clients {
-        let attempts = xtask::testbed::probe::collect(client)?;
+        let attempts = client.finish()?;
         let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.answer.is_none()).collect();
         eprintln!(
-            "a client made {} connects across the upgrade and the rollback; {} failed",
+            "a client made {} connects across the agents' restarts; {} failed",
             attempts.len(),
             failed.len()
         );
@@ -113,7 +136,7 @@ fn roll(
         );
     }
 
-    // The maps the rolled-back agent kept equal those it writes from scratch.
+    // The maps the last agent kept equal those it writes from scratch.
     let kept = listing(&tb)?;
     tb.stop_agent()?;
     tb.agent_command(&["reset"])?;
@@ -121,12 +144,12 @@ fn roll(
     let fresh = listing(&tb)?;
     ensure!(
         kept == fresh,
-        "the maps after the rollback differ from a fresh start's:\n{kept}\nfresh:\n{fresh}"
+        "the last agent's maps differ from a fresh start's:\n{kept}\nfresh:\n{fresh}"
     );
     Ok(())
 }
 
-/// `lb-agent list -o json` of the running version, as text (the older agent's JSON has no layout
+/// `lb-agent list -o json` of the running version, as text (an older agent's JSON has no layout
 /// version; each comparison is between two listings of one binary).
 fn listing(tb: &Testbed) -> anyhow::Result<String> {
     tb.agent_command(&["list", "-o", "json"])

@@ -12,7 +12,7 @@ mod maps;
 mod pins;
 
 pub use maps::BpfMaps;
-pub use pins::{Attach, Loaded, layout_dir, load, mount_bpffs, pinned_layouts, reset};
+pub use pins::{Attach, Loaded, LruSizes, layout_dir, load, mount_bpffs, pinned_layouts, reset};
 
 pub const SERVICES_MAP: &str = "LB4_SERVICES";
 pub const BACKENDS_MAP: &str = "LB4_BACKENDS";
@@ -28,6 +28,9 @@ pub const SOCKET_MAPS: [&str; 4] = [
     "LB4_SOCK_BACKEND",
     "LB6_SOCK_BACKEND",
 ];
+
+/// The session affinity LRU maps the programs keep (see lb-common).
+pub const AFFINITY_MAPS: [&str; 2] = ["LB4_AFFINITY", "LB6_AFFINITY"];
 
 /// The programs, each attached to the cgroup through a link pinned as `<hook>_link`.
 pub const PROGRAMS: [Program; 8] = [

@@ -36,10 +36,10 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
-    Frontend4Key, Frontend6Key, LAYOUT_VERSION, Reverse4Key, Reverse6Key, ServiceAddr4,
-    ServiceAddr6, ServiceEntry, ServiceName, SockBackend4, SockBackend6, SockFrontend4Key,
-    SockFrontend6Key,
+    Affinity4, Affinity6, AffinityKey, Backend4, Backend6, BackendMember, BackendMember4Key,
+    BackendMember6Key, BackendSlotKey, Frontend4Key, Frontend6Key, LAYOUT_VERSION, Reverse4Key,
+    Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceEntry, ServiceName, SockBackend4, SockBackend6,
+    SockFrontend4Key, SockFrontend6Key,
 };
 use nix::{
     mount::{MsFlags, mount},
@@ -48,8 +48,8 @@ use nix::{
 use tracing::{debug, info, warn};
 
 use super::{
-    BACKENDS_MAP, BACKENDS6_MAP, BpfMaps, MAPS, MEMBERS_MAP, MEMBERS6_MAP, NAMES_MAP, PROGRAMS,
-    Program, SERVICES_MAP, SERVICES6_MAP, SOCKET_MAPS, link_pin_names,
+    AFFINITY_MAPS, BACKENDS_MAP, BACKENDS6_MAP, BpfMaps, MAPS, MEMBERS_MAP, MEMBERS6_MAP,
+    NAMES_MAP, PROGRAMS, Program, SERVICES_MAP, SERVICES6_MAP, SOCKET_MAPS, link_pin_names,
 };
 
 /// The eBPF object, built from lb-ebpf by build.rs.
@@ -71,17 +71,29 @@ pub fn layout_dir(pin_dir: &Path, version: u32) -> PathBuf {
     }
 }
 
-/// The layout versions whose maps are pinned under `pin_dir`, in order.
+/// The layout versions whose maps are pinned under `pin_dir`, in order: those with a services
+/// map, which every layout has (see [`version_dirs`] for what else may be there).
 pub fn pinned_layouts(pin_dir: &Path) -> anyhow::Result<Vec<u32>> {
-    let mut versions = Vec::new();
+    let mut versions: Vec<u32> = version_dirs(pin_dir)?
+        .into_iter()
+        .filter(|v| layout_dir(pin_dir, *v).join(SERVICES_MAP).exists())
+        .collect();
     if pin_dir.join(SERVICES_MAP).exists() {
-        versions.push(1);
+        versions.insert(0, 1);
     }
+    Ok(versions)
+}
+
+/// The versions above 1 that have a directory under `pin_dir`, in order. One without a services
+/// map holds maps an older agent did not know when it rolled back from that version (it removes
+/// only the maps of its own day); they serve nothing and are swept at the next start.
+fn version_dirs(pin_dir: &Path) -> anyhow::Result<Vec<u32>> {
     let entries = match fs::read_dir(pin_dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(versions),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", pin_dir.display())),
     };
+    let mut versions = Vec::new();
     for entry in entries {
         let name = entry?.file_name();
         let version = name
@@ -99,20 +111,23 @@ pub fn pinned_layouts(pin_dir: &Path) -> anyhow::Result<Vec<u32>> {
 /// Loads the programs with the maps of this agent's layout version ([`LAYOUT_VERSION`]) pinned
 /// under `pin_dir`, reusing them when an earlier agent left them and creating them otherwise.
 /// Nothing is attached yet: the programs attached now (an earlier agent's) keep translating
-/// until [`Attach::attach`]. `socket_map_entries` sizes each per-socket LRU map.
+/// until [`Attach::attach`]. `lru` sizes the LRU maps the programs keep.
 pub fn load(
     pin_dir: &Path,
     cgroup: &Path,
     log_level: aya_log::Level,
-    socket_map_entries: u32,
+    lru: LruSizes,
 ) -> anyhow::Result<Loaded> {
     if EBPF_OBJECT.is_empty() {
         bail!(
             "this lb-agent was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it with `xtask/run build`"
         );
     }
-    if socket_map_entries == 0 {
+    if lru.socket == 0 {
         bail!("--socket-map-entries must be at least 1");
+    }
+    if lru.affinity == 0 {
+        bail!("--affinity-map-entries must be at least 1");
     }
     ensure_bpffs(pin_dir)?;
     let maps_dir = layout_dir(pin_dir, LAYOUT_VERSION);
@@ -122,6 +137,16 @@ pub fn load(
         .into_iter()
         .filter(|v| *v != LAYOUT_VERSION)
         .collect();
+    for version in version_dirs(pin_dir)? {
+        if version != LAYOUT_VERSION && !others.contains(&version) {
+            let removed = remove_layout(pin_dir, version)?;
+            info!(
+                layout = version,
+                removed = removed.len(),
+                "removed maps left behind by a rollback from layout {version}"
+            );
+        }
+    }
     let adopted = maps_dir.join(SERVICES_MAP).exists();
     match (adopted, others.as_slice()) {
         (true, _) => {
@@ -140,12 +165,13 @@ pub fn load(
         ),
     }
     check_pinned_layouts(&maps_dir)?;
-    refit_socket_maps(&maps_dir, socket_map_entries)?;
+    refit_lru_maps(&maps_dir, lru)?;
 
     let pin = |name: &str| maps_dir.join(name);
     let map_pins: Vec<(&str, PathBuf)> = MAPS
         .iter()
         .chain(&SOCKET_MAPS)
+        .chain(&AFFINITY_MAPS)
         .map(|name| (*name, pin(name)))
         .collect();
     let level = log_level as u8;
@@ -153,8 +179,8 @@ pub fn load(
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
     }
-    for name in SOCKET_MAPS {
-        loader.map_max_entries(name, socket_map_entries);
+    for (name, entries, _) in lru.maps() {
+        loader.map_max_entries(name, entries);
     }
     let mut ebpf = loader
         .override_global(aya_log::LEVEL, &level, true)
@@ -245,23 +271,39 @@ impl Attach {
     }
 }
 
-/// Removes the pins of layout `version`'s maps (its directory too, for versions above 1).
+/// Removes the pins of layout `version`'s maps: version 1's by name (they share the pin
+/// directory with the links), a later version's whole directory, whatever maps it holds (a newer
+/// layout's may have maps this agent does not know).
 fn remove_layout(pin_dir: &Path, version: u32) -> anyhow::Result<Vec<PathBuf>> {
     let dir = layout_dir(pin_dir, version);
+    let pins: Vec<PathBuf> = if version == 1 {
+        MAPS.iter()
+            .chain(&SOCKET_MAPS)
+            .chain(&AFFINITY_MAPS)
+            .map(|name| dir.join(name))
+            .collect()
+    } else {
+        match fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()?,
+            Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+        }
+    };
     let mut removed = Vec::new();
-    for name in MAPS.iter().chain(&SOCKET_MAPS) {
-        let path = dir.join(name);
+    for path in pins {
         match fs::remove_file(&path) {
             Ok(()) => removed.push(path),
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
         }
     }
-    if version > 1 {
-        // Anything else in it is not lb's to remove: leave the directory then.
-        if let Err(e) = fs::remove_dir(&dir) {
-            debug!("left {}: {e}", dir.display());
-        }
+    if version > 1
+        && let Err(e) = fs::remove_dir(&dir)
+        && e.kind() != ErrorKind::NotFound
+    {
+        return Err(e).with_context(|| format!("removing {}", dir.display()));
     }
     Ok(removed)
 }
@@ -301,7 +343,7 @@ fn attach(
 
 /// Refuses maps of this layout version whose key or value sizes differ from this agent's (a
 /// build that changed a map without raising [`LAYOUT_VERSION`]): reusing them would misread every
-/// entry. (The per-socket maps are replaced instead, by [`refit_socket_maps`].)
+/// entry. (The LRU maps the programs keep are replaced instead, by [`refit_lru_maps`].)
 fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
     let expected = [
         (SERVICES_MAP, sizes::<Frontend4Key, ServiceEntry>()),
@@ -348,19 +390,47 @@ fn sizes<K, V>() -> (usize, usize) {
     (size_of::<K>(), size_of::<V>())
 }
 
-/// A pinned per-socket map of another size than asked, or with the key and value layout of
-/// another lb version, is unpinned, so the load creates a new one. The programs still attached
-/// keep the old map until their links are swapped; what is lost is only the per-socket state of
-/// sockets open across the restart (a reply in flight shows its Pod IP, a UDP socket may pick
-/// another backend).
-fn refit_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
-    let layouts = [
-        sizes::<Reverse4Key, ServiceAddr4>(),
-        sizes::<Reverse6Key, ServiceAddr6>(),
-        sizes::<SockFrontend4Key, SockBackend4>(),
-        sizes::<SockFrontend6Key, SockBackend6>(),
-    ];
-    for (name, (key_size, value_size)) in SOCKET_MAPS.into_iter().zip(layouts) {
+/// How many entries the LRU maps the programs keep get (`--socket-map-entries`,
+/// `--affinity-map-entries`).
+#[derive(Clone, Copy, Debug)]
+pub struct LruSizes {
+    /// Each per-socket map ([`SOCKET_MAPS`]).
+    pub socket: u32,
+    /// Each session affinity map ([`AFFINITY_MAPS`]).
+    pub affinity: u32,
+}
+
+impl LruSizes {
+    /// Each LRU map, its size, and its key and value sizes.
+    fn maps(&self) -> [(&'static str, u32, (usize, usize)); 6] {
+        let [reverse4, reverse6, sock4, sock6] = SOCKET_MAPS;
+        let [affinity4, affinity6] = AFFINITY_MAPS;
+        [
+            (reverse4, self.socket, sizes::<Reverse4Key, ServiceAddr4>()),
+            (reverse6, self.socket, sizes::<Reverse6Key, ServiceAddr6>()),
+            (
+                sock4,
+                self.socket,
+                sizes::<SockFrontend4Key, SockBackend4>(),
+            ),
+            (
+                sock6,
+                self.socket,
+                sizes::<SockFrontend6Key, SockBackend6>(),
+            ),
+            (affinity4, self.affinity, sizes::<AffinityKey, Affinity4>()),
+            (affinity6, self.affinity, sizes::<AffinityKey, Affinity6>()),
+        ]
+    }
+}
+
+/// A pinned LRU map (per-socket or session affinity) of another size than asked, or with the key
+/// and value layout of another build, is unpinned, so the load creates a new one. The programs
+/// still attached keep the old map until their links are swapped; what is lost is only the state
+/// of sockets open across the restart (a reply in flight shows its Pod IP, a UDP socket may pick
+/// another backend) and the clients' affinities, once.
+fn refit_lru_maps(pin_dir: &Path, sizes: LruSizes) -> anyhow::Result<()> {
+    for (name, entries, (key_size, value_size)) in sizes.maps() {
         let path = pin_dir.join(name);
         let Some(info) = pinned_info(&path)? else {
             continue;
@@ -371,16 +441,15 @@ fn refit_socket_maps(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
                 map = name,
                 pinned = info.max_entries(),
                 wanted = entries,
-                "--socket-map-entries changed: replacing the map (per-socket state of open \
-                 sockets is lost once)"
+                "its size flag changed: replacing the map (the state it held is lost once)"
             );
         } else if pinned != (key_size, value_size) {
             warn!(
                 map = name,
                 pinned = ?pinned,
                 wanted = ?(key_size, value_size),
-                "its key/value sizes changed with this lb version: replacing the map \
-                 (per-socket state of open sockets is lost once)"
+                "its key/value sizes changed with this build: replacing the map (the state it \
+                 held is lost once)"
             );
         } else {
             continue;
@@ -410,8 +479,9 @@ pub fn reset(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         removed.push(path);
     }
     wait_detached(&links)?;
-    // Every layout's maps, this agent's and any other.
+    // Every layout's maps, this agent's and any other, and any left behind.
     let mut layouts = pinned_layouts(pin_dir)?;
+    layouts.extend(version_dirs(pin_dir)?);
     layouts.push(LAYOUT_VERSION);
     layouts.sort_unstable();
     layouts.dedup();
