@@ -115,7 +115,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
 
     step("lb-agent list (reads the pinned maps)");
     eprint!("{}", indent(&tb.agent_command(&["list"])?));
-    let services = tb.pin_dir().join("LB4_SERVICES");
+    let services = tb.maps_dir().join("LB4_SERVICES");
     step(&format!(
         "bpftool map dump pinned {} (the maps carry BTF: fields have names)",
         services.display()

@@ -919,7 +919,7 @@ fn bpftool_delete(tb: &Testbed, map: &str, key: &[u8]) -> anyhow::Result<()> {
     let bpftool = xtask::testbed::find_tool("bpftool").context("bpftool not found")?;
     let mut cmd = std::process::Command::new(bpftool);
     cmd.args(["map", "delete", "pinned"])
-        .arg(tb.pin_dir().join(map))
+        .arg(tb.maps_dir().join(map))
         .args(["key", "hex"])
         .args(key.iter().map(|b| format!("{b:02x}")));
     let out = cmd.output().context("running bpftool")?;
@@ -1122,7 +1122,7 @@ fn service_id(tb: &Testbed, address: [u8; 4]) -> anyhow::Result<u32> {
     let bpftool = xtask::testbed::find_tool("bpftool").context("bpftool not found")?;
     let out = std::process::Command::new(bpftool)
         .args(["-j", "map", "dump", "pinned"])
-        .arg(tb.pin_dir().join("LB4_SERVICES"))
+        .arg(tb.maps_dir().join("LB4_SERVICES"))
         .output()
         .context("running bpftool")?;
     let dump: Value = serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;

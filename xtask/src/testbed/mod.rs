@@ -362,6 +362,12 @@ impl Testbed {
         Ok(name)
     }
 
+    /// Where the agent under test pins its maps: its layout version's directory under
+    /// [`pin_dir`](Self::pin_dir).
+    pub fn maps_dir(&self) -> PathBuf {
+        lb_agent::dataplane::bpf::layout_dir(&self.pin_dir, lb_common::LAYOUT_VERSION)
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

@@ -442,7 +442,7 @@ pub fn socket_maps_never_fill() -> anyhow::Result<()> {
             xtask::testbed::find_tool("bpftool").context("bpftool not found")?,
         )
         .args(["--json", "map", "dump", "pinned"])
-        .arg(tb.pin_dir().join(map))
+        .arg(tb.maps_dir().join(map))
         .output()?;
         let entries: serde_json::Value = serde_json::from_slice(&dump.stdout)
             .with_context(|| format!("bpftool map dump {map}"))?;
