@@ -171,7 +171,7 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join("lb-agent"))
 }
 
-/// Unit tests of every crate, then the end-to-end tests (last, so their summary closes the run).
+/// Unit tests of every crate, then the end-to-end and control-plane tests, then both demos.
 fn test(args: &[String]) -> anyhow::Result<()> {
     let agent = build(false)?;
     let runs: [(&str, &[&str]); 4] = [
@@ -222,6 +222,20 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         if !status.success() {
             bail!("{what} failed (see above)");
         }
+    }
+    // The README's first command, so that a change that breaks a demo fails the tests too
+    // (not when the run was narrowed to some tests).
+    if !args.is_empty() {
+        return Ok(());
+    }
+    step("running the demo (xtask/run demo)");
+    demo::run(&agent).context("the demo failed")?;
+    match xtask::testbed::control_plane::K8sBinaries::locate_for_tests()? {
+        Some(_) => {
+            step("running the demo on a real control plane (xtask/run demo --cluster)");
+            demo_cluster::run(&agent).context("the demo on a real control plane failed")?;
+        }
+        None => step("not running demo --cluster: no control-plane binaries (see above)"),
     }
     Ok(())
 }
