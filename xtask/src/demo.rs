@@ -36,7 +36,8 @@ fn step(text: &str) {
     eprintln!("\n==> {text}");
 }
 
-pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
+/// `probe_bin` is an xtask executable (the testbed runs its probe and exec subcommands).
+pub fn run(agent_bin: &Path, probe_bin: &Path) -> anyhow::Result<()> {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     let example = std::fs::read_to_string(examples.join(EXAMPLE))
         .with_context(|| format!("reading {}", examples.join(EXAMPLE).display()))?;
@@ -45,7 +46,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         "creating 5 pods (web-1..web-5 at 10.244.1.1-5, HTTP on :8080) in their own network namespaces, and a client namespace in its own cgroup",
     );
     let pods = PodSpec::numbered("web", 5, &[POD_PORT]);
-    let mut tb = Testbed::new(agent_bin, &std::env::current_exe()?, &pods)?;
+    let mut tb = Testbed::new(agent_bin, probe_bin, &pods)?;
     tb.echo_agent_log("    agent | ");
     eprintln!(
         "    client namespace {} has no default route, and 10.96.0.0/12 is unreachable there:\n    \

@@ -28,7 +28,8 @@ fn show(command: &str, output: &str) {
     }
 }
 
-pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
+/// `probe_bin` is an xtask executable (the testbed runs its probe and exec subcommands).
+pub fn run(agent_bin: &Path, probe_bin: &Path) -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let manifest = std::fs::read_to_string(root.join(MANIFEST))
         .with_context(|| format!("reading {MANIFEST}"))?;
@@ -44,13 +45,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         "starting the testbed's node (it binds Pods and runs each as a network namespace, nginx for \
          an nginx image) and lb-agent, following the API server as that node",
     );
-    let mut bed = ClusterBed::start(
-        &control_plane,
-        agent_bin,
-        &std::env::current_exe()?,
-        "demo",
-        &["a"],
-    )?;
+    let mut bed = ClusterBed::start(&control_plane, agent_bin, probe_bin, "demo", &["a"])?;
     eprintln!(
         "    namespace {} (kubectl -n {0} below); the client namespace {} has no default route, \
          and 10.96.0.0/12 is unreachable there: only lb's rewrite can take a connect to a \

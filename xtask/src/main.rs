@@ -70,10 +70,11 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Build { release } => build(release).map(|_| ()),
         Task::Demo { cluster } => setup().and_then(|()| build(false)).and_then(|bin| {
+            let this = std::env::current_exe()?;
             if cluster {
-                demo_cluster::run(&bin)
+                demo_cluster::run(&bin, &this)
             } else {
-                demo::run(&bin)
+                demo::run(&bin, &this)
             }
         }),
         Task::Test { args } => setup().and_then(|()| test(&args)),
@@ -228,12 +229,14 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if !args.is_empty() {
         return Ok(());
     }
+    // The xtask the tests just built: it replaced this very executable, which runs on deleted.
+    let xtask = workspace_root().join("target/debug/xtask");
     step("running the demo (xtask/run demo)");
-    demo::run(&agent).context("the demo failed")?;
+    demo::run(&agent, &xtask).context("the demo failed")?;
     match xtask::testbed::control_plane::K8sBinaries::locate_for_tests()? {
         Some(_) => {
             step("running the demo on a real control plane (xtask/run demo --cluster)");
-            demo_cluster::run(&agent).context("the demo on a real control plane failed")?;
+            demo_cluster::run(&agent, &xtask).context("the demo on a real control plane failed")?;
         }
         None => step("not running demo --cluster: no control-plane binaries (see above)"),
     }
