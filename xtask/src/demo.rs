@@ -61,13 +61,7 @@ pub fn run(agent_bin: &Path, probe_bin: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|(name, ip)| Ok((*name, ip.parse()?)))
         .collect::<anyhow::Result<_>>()?;
-    let dns_pod = PodSpec {
-        name: "coredns-1".into(),
-        ip: DNS_POD_IP,
-        tcp_ports: vec![],
-        udp_ports: vec![],
-        echo_ports: vec![],
-    };
+    let dns_pod = PodSpec::coredns(DNS_POD_IP);
     tb.add_dns_pod(&dns_pod, &records)?;
 
     step(

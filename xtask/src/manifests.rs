@@ -92,6 +92,28 @@ impl<'a> Endpoint<'a> {
     }
 }
 
+/// The two slices of a dual-stack Service `service` in `namespace`, `<service>-v4` and
+/// `<service>-v6`, listing every one of `pods` ready on its IPv4 and its IPv6 address.
+pub fn dual_stack_slices(
+    namespace: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    pods: &[crate::testbed::PodSpec],
+) -> [String; 2] {
+    let v4: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::ready(p.ip, &p.name))
+        .collect();
+    let v6: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::ready(p.ip6(), &p.name))
+        .collect();
+    [
+        endpoint_slice(namespace, &format!("{service}-v4"), service, ports, &v4),
+        endpoint_slice(namespace, &format!("{service}-v6"), service, ports, &v6),
+    ]
+}
+
 /// Slice ports: name, port, protocol. The slice's `addressType` is its endpoints' family (IPv4
 /// when it has none).
 pub fn endpoint_slice(

@@ -409,8 +409,7 @@ fn wait_backend(
 ) -> anyhow::Result<Instant> {
     let started = Instant::now();
     loop {
-        let listing: lb_agent::list::Listing =
-            serde_json::from_str(&bed.tb.agent_command(&["list", "-o", "json"])?)?;
+        let listing = bed.tb.listing()?;
         let holds = listing.frontends.iter().any(|row| {
             row.frontend.address == frontend.ip().to_string()
                 && row.frontend.port == frontend.port()

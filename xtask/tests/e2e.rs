@@ -650,9 +650,7 @@ fn serve_objects(api: &FakeApi, yaml: &str) -> anyhow::Result<()> {
 /// `lb-agent list -o json` (read with the agent's own schema types) as frontend → (service,
 /// backends sorted; the list shows slot order).
 fn listing(tb: &Testbed) -> anyhow::Result<BTreeMap<String, (String, Vec<String>)>> {
-    let listing: lb_agent::list::Listing =
-        serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)
-            .context("lb-agent list -o json does not match its schema")?;
+    let listing = tb.listing()?;
     let mut out = BTreeMap::new();
     for row in listing.frontends {
         let (s, f) = (&row.service, &row.frontend);

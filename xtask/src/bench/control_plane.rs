@@ -325,8 +325,7 @@ fn await_resync(tb: &mut Testbed) -> anyhow::Result<Instant> {
 
 /// Every Service in `replaced` has its changed endpoint in the maps, as `lb-agent list` shows them.
 fn check_listed(tb: &Testbed, replaced: &Replaced) -> anyhow::Result<()> {
-    let listing: lb_agent::list::Listing =
-        serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)?;
+    let listing = tb.listing()?;
     let backends: BTreeMap<(String, u16), Vec<(String, u16)>> = listing
         .frontends
         .into_iter()

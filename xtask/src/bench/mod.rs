@@ -227,8 +227,13 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
     report.load_average[1] = report::load_average();
 
     report::print(&report);
+    save(&report)
+}
+
+/// Writes the run's JSON to target/bench.json and says where.
+fn save(report: &Report) -> anyhow::Result<()> {
     let json_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
     eprintln!(
         "\nJSON: {} (whole run {:.0} s)",
         json_path.display(),

@@ -182,14 +182,7 @@ pub fn run_alone(agent_bin: &Path, plan: Plan) -> anyhow::Result<()> {
         "\nLoad average (1, 5, 15 min) at the start: {}; at the end: {}",
         report.load_average[0], report.load_average[1]
     );
-    let json_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
-    eprintln!(
-        "\nJSON: {} (whole run {:.0} s)",
-        json_path.display(),
-        report.run_seconds
-    );
-    Ok(())
+    super::save(&report)
 }
 
 /// Starts a real control plane and a testbed with the agent following it, and measures
@@ -534,8 +527,7 @@ fn wait_listed(tb: &Testbed, replaced: &Replaced, timeout: Duration) -> anyhow::
 
 /// Every Service's frontend has exactly its endpoints, as `lb-agent list` shows the maps.
 fn check_listed(tb: &Testbed, replaced: &Replaced) -> anyhow::Result<()> {
-    let listing: lb_agent::list::Listing =
-        serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)?;
+    let listing = tb.listing()?;
     let listed: BTreeMap<(String, u16), BTreeSet<(String, u16)>> = listing
         .frontends
         .into_iter()

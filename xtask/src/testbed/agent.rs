@@ -269,11 +269,32 @@ pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
 
 /// `GET path` on `addr`: the status and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request(addr, "GET", path, "", Duration::from_secs(2))
+}
+
+/// One HTTP/1.0 request (a JSON `body` unless empty), waiting up to `timeout` for the answer:
+/// the status and the body. HTTP/1.0, so that the server ends the body by closing the connection
+/// rather than chunking it (Go's does), and reading to the end gives it whole.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let content = if body.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{content}\r\n{body}"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

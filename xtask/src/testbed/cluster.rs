@@ -162,13 +162,7 @@ impl ClusterBed {
         control_plane: &ControlPlane,
         records: &[(&str, Ipv4Addr)],
     ) -> anyhow::Result<Ipv4Addr> {
-        let dns_pod = PodSpec {
-            name: "coredns-1".into(),
-            ip: DNS_POD_IP,
-            tcp_ports: vec![],
-            udp_ports: vec![],
-            echo_ports: vec![],
-        };
+        let dns_pod = PodSpec::coredns(DNS_POD_IP);
         let names: Vec<(String, IpAddr)> = records
             .iter()
             .map(|(name, ip)| {
@@ -212,8 +206,7 @@ endpoints:
     /// The agent's maps for this namespace's Services as `lb-agent list` shows them, one sorted
     /// line per frontend with its backends sorted.
     pub fn listing(&self) -> anyhow::Result<String> {
-        let listing: lb_agent::list::Listing =
-            serde_json::from_str(&self.tb.agent_command(&["list", "-o", "json"])?)?;
+        let listing = self.tb.listing()?;
         let mut lines: Vec<String> = listing
             .frontends
             .iter()

@@ -11,8 +11,8 @@
 //! outright is swept away at the next [`ControlPlane::start`].
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 
 use super::{
     SERVICE_CIDR,
+    agent::http_request,
     cleanup::{self, Guard, Undo},
     exec, find_tool,
 };
@@ -52,6 +53,9 @@ const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 /// waits about 30 s for them. Nothing needs that grace (its state is in etcd), so it is cut
 /// short.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long a request to etcd's JSON gateway may take.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How much of a component's log a start failure shows.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -778,45 +782,15 @@ impl Drop for Process {
 
 /// Whether etcd answers its /health with `"health":"true"`.
 fn etcd_healthy(addr: SocketAddr) -> anyhow::Result<bool> {
-    let (status, body) = http_1_0(addr, "GET", "/health", "")?;
+    let (status, body) = http_request(addr, "GET", "/health", "", ETCD_TIMEOUT)?;
     Ok(status == 200 && body.contains(r#""health":"true""#))
 }
 
 /// POSTs `body` to etcd's v3 JSON gateway; its JSON answer.
 fn etcd_post(addr: SocketAddr, path: &str, body: &Value) -> anyhow::Result<Value> {
-    let (status, text) = http_1_0(addr, "POST", path, &body.to_string())?;
+    let (status, text) = http_request(addr, "POST", path, &body.to_string(), ETCD_TIMEOUT)?;
     ensure!(status == 200, "etcd: POST {path} {body}: {status} {text}");
     serde_json::from_str(&text).with_context(|| format!("etcd: POST {path}: not JSON: {text:?}"))
-}
-
-/// One HTTP/1.0 request: Go's server then ends the body by closing the connection instead of
-/// chunking it, so reading to the end gives the whole body.
-fn http_1_0(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Kills the components of control planes whose test run was killed outright (their directory

@@ -107,6 +107,18 @@ impl PodSpec {
             .collect()
     }
 
+    /// The DNS pod `coredns-1` at `ip`, for [`Testbed::add_dns_pod`]: its dnsmasq answers on
+    /// port 53, and it serves nothing else.
+    pub fn coredns(ip: Ipv4Addr) -> Self {
+        PodSpec {
+            name: "coredns-1".into(),
+            ip,
+            tcp_ports: vec![],
+            udp_ports: vec![],
+            echo_ports: vec![],
+        }
+    }
+
     /// The pod's IPv6 address (fd00:244:1::N for 10.244.1.N; see [`ip6_of`]).
     ///
     /// Derived rather than a field, so the existing `PodSpec { .. }` literals stay valid.
@@ -523,6 +535,12 @@ impl Testbed {
             Some(mut agent) => agent.stop(),
             None => Ok(()),
         }
+    }
+
+    /// What the maps hold, as `lb-agent list -o json` shows it, read with the agent's own schema.
+    pub fn listing(&self) -> anyhow::Result<lb_agent::list::Listing> {
+        serde_json::from_str(&self.agent_command(&["list", "-o", "json"])?)
+            .context("lb-agent list -o json does not match its schema")
     }
 
     /// Runs `lb-agent ARGS --pin-dir PIN_DIR` and returns its stdout.

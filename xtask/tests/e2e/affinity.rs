@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use xtask::{
-    manifests::{self, Endpoint},
+    manifests,
     testbed::{PodSpec, ServiceRoute, Testbed, probe::Attempt},
 };
 
@@ -40,19 +40,8 @@ spec:
 "
     );
     let ports = [("http", HTTP, "TCP"), ("dns", UDP_POD_PORT, "UDP")];
-    let v4: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(p.ip, &p.name))
-        .collect();
-    let v6: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(p.ip6(), &p.name))
-        .collect();
-    manifests::documents(&[
-        service,
-        manifests::endpoint_slice("demo", "sticky-v4", "sticky", &ports, &v4),
-        manifests::endpoint_slice("demo", "sticky-v6", "sticky", &ports, &v6),
-    ])
+    let [v4, v6] = manifests::dual_stack_slices("demo", "sticky", &ports, pods);
+    manifests::documents(&[service, v4, v6])
 }
 
 /// Who answered each attempt; an error for any that got no answer.

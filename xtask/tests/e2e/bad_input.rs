@@ -32,9 +32,7 @@ fn load() -> anyhow::Result<(Good, Vec<Case>)> {
 
 /// The maps, through `lb-agent list -o json` (the agent's own schema), in the corpus's notation.
 fn frontends(tb: &Testbed) -> anyhow::Result<Frontends> {
-    let listing: lb_agent::list::Listing =
-        serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)
-            .context("lb-agent list -o json does not match its schema")?;
+    let listing = tb.listing()?;
     let mut out = Frontends::new();
     for row in listing.frontends {
         let (s, f) = (&row.service, &row.frontend);

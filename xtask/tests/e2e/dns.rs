@@ -34,13 +34,7 @@ fn dns_ip6() -> IpAddr {
 fn dns_testbed() -> anyhow::Result<(Vec<PodSpec>, Testbed)> {
     let pods = PodSpec::numbered("web", 3, &[HTTP]);
     let mut tb = testbed(&pods)?;
-    let dns_pod = PodSpec {
-        name: "coredns-1".into(),
-        ip: Ipv4Addr::new(10, 244, 1, 53),
-        tcp_ports: vec![],
-        udp_ports: vec![],
-        echo_ports: vec![],
-    };
+    let dns_pod = PodSpec::coredns(Ipv4Addr::new(10, 244, 1, 53));
     tb.add_dns_pod(
         &dns_pod,
         &[(WEB_NAME, WEB_IP.into()), (WEB_NAME, WEB_IP6.into())],

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use xtask::{
-    manifests::{self, Endpoint, Port},
+    manifests::{self, Port},
     testbed::{
         PodSpec, Testbed,
         probe::{self, Attempt, now_us, v4_mapped},
@@ -50,18 +50,11 @@ pub fn dual_stack(
     pods: &[PodSpec],
     slice_ports: &[(&str, u16, &str)],
 ) -> Vec<String> {
-    let v4: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(p.ip, &p.name))
-        .collect();
-    let v6: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(p.ip6(), &p.name))
-        .collect();
+    let [v4, v6] = manifests::dual_stack_slices("demo", name, slice_ports, pods);
     vec![
         manifests::dual_stack_service("demo", name, cluster_ips, &[port]),
-        manifests::endpoint_slice("demo", &format!("{name}-v4"), name, slice_ports, &v4),
-        manifests::endpoint_slice("demo", &format!("{name}-v6"), name, slice_ports, &v6),
+        v4,
+        v6,
     ]
 }
 

@@ -102,7 +102,7 @@ fn roll(
         tb.start_agent()
             .with_context(|| format!("starting agent {running}, {}", bin.display()))?;
         check_pins(&tb, running)?;
-        let maps: lb_agent::list::Listing = serde_json::from_str(&listing(&tb)?)?;
+        let maps = tb.listing()?;
         let web = maps
             .frontends
             .iter()
@@ -137,20 +137,14 @@ fn roll(
     }
 
     // The maps the last agent kept equal those it writes from scratch.
-    let kept = listing(&tb)?;
+    let kept = tb.listing()?;
     tb.stop_agent()?;
     tb.agent_command(&["reset"])?;
     tb.start_agent()?;
-    let fresh = listing(&tb)?;
+    let fresh = tb.listing()?;
     ensure!(
         kept == fresh,
-        "the last agent's maps differ from a fresh start's:\n{kept}\nfresh:\n{fresh}"
+        "the last agent's maps differ from a fresh start's:\n{kept:#?}\nfresh:\n{fresh:#?}"
     );
     Ok(())
-}
-
-/// `lb-agent list -o json` of the running version, as text (an older agent's JSON has no layout
-/// version; each comparison is between two listings of one binary).
-fn listing(tb: &Testbed) -> anyhow::Result<String> {
-    tb.agent_command(&["list", "-o", "json"])
 }
