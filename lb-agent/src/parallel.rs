@@ -20,20 +20,39 @@ pub fn map<'a, T: Sync, U: Send>(items: &'a [T], f: impl Fn(&'a T) -> U + Sync) 
         return items.iter().map(f).collect();
     }
     let run = items.len().div_ceil(threads);
+    // The results go straight to their place in one vector: each thread fills its own part of
+    // its spare capacity (no per-thread vector to allocate in the thread's arena, then copy).
+    let mut out: Vec<U> = Vec::with_capacity(items.len());
     let f = &f;
     thread::scope(|scope| {
-        let mut runs = items.chunks(run);
-        let first = runs.next().unwrap_or_default();
-        let others: Vec<_> = runs
-            .map(|run| scope.spawn(move || run.iter().map(f).collect::<Vec<U>>()))
+        let mut parts = items
+            .chunks(run)
+            .zip(out.spare_capacity_mut().chunks_mut(run));
+        let (first, first_out) = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts
+            .map(|(items, out)| scope.spawn(move || fill(items, out, f)))
             .collect();
-        let mut out: Vec<U> = first.iter().map(f).collect();
-        out.reserve(items.len() - out.len());
+        fill(first, first_out, f);
         for other in others {
-            out.extend(other.join().expect("a worker thread panicked"));
+            other.join().expect("a worker thread panicked");
         }
-        out
-    })
+    });
+    // SAFETY: the runs of `items` and of the spare capacity pair up one to one and cover
+    // `items.len()` elements, and every thread has returned having written each element of its
+    // run (a panic would have ended this function above, leaking what was written, not exposing
+    // it).
+    unsafe { out.set_len(items.len()) };
+    out
+}
+
+fn fill<'a, T, U>(
+    items: &'a [T],
+    out: &mut [std::mem::MaybeUninit<U>],
+    f: &(impl Fn(&'a T) -> U + Sync),
+) {
+    for (item, slot) in items.iter().zip(out) {
+        slot.write(f(item));
+    }
 }
 
 #[cfg(test)]

@@ -157,6 +157,9 @@ pub fn write_past_failures(
     failures
 }
 
+/// Runs of writes of one [`MapOp`](plan::MapOp), each with the index of the change it belongs to.
+type Runs<'a> = Vec<(usize, &'a [Write])>;
+
 /// What one [`Dataplane::apply`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -239,6 +242,10 @@ impl<S: MapStore> Dataplane<S> {
         let changes = plan::plan(&self.programmed, wanted, scope);
         let mut failed = self.write_in_waves(&changes);
         let interrupted = !failed.is_empty();
+        // Into an empty view (a cold start: every change an addition, in key order), the view is
+        // built in one go.
+        let mut fresh = Vec::new();
+        let empty = self.programmed.is_empty();
         for (index, change) in changes.into_iter().enumerate() {
             if let Some(error) = failed.remove(&index) {
                 report
@@ -252,9 +259,17 @@ impl<S: MapStore> Dataplane<S> {
                 ChangeKind::Removed => report.removed += 1,
             }
             match change.after {
-                Some(after) => self.programmed.insert(change.frontend, after),
-                None => self.programmed.remove(&change.frontend),
+                Some(after) if empty => fresh.push((change.frontend, after)),
+                Some(after) => {
+                    self.programmed.insert(change.frontend, after);
+                }
+                None => {
+                    self.programmed.remove(&change.frontend);
+                }
             };
+        }
+        if empty {
+            self.programmed = fresh.into_iter().collect();
         }
         // A change that stopped half-way left the maps between two valid states; read back what
         // they hold so the next plan starts from the truth.
@@ -277,42 +292,57 @@ impl<S: MapStore> Dataplane<S> {
     /// steps: names, members and slots, then the entries.
     fn write_in_waves(&mut self, changes: &[FrontendChange]) -> BTreeMap<usize, anyhow::Error> {
         let mut failed: BTreeMap<usize, anyhow::Error> = BTreeMap::new();
-        let steps: Vec<Vec<Vec<&[Write]>>> = crate::parallel::map(changes, FrontendChange::steps);
+        // The plan lists its changes group by group.
         let mut group_start = 0;
-        while group_start < changes.len() {
-            let kind = changes[group_start].kind;
-            let group_end = changes[group_start..]
-                .iter()
-                .position(|c| c.kind != kind)
-                .map_or(changes.len(), |n| group_start + n);
-            let waves = steps[group_start..group_end]
-                .iter()
-                .map(Vec::len)
-                .max()
-                .unwrap_or(0);
-            for wave in 0..waves {
-                // Each op's writes in this wave, with the change each belongs to.
-                let mut batches: BTreeMap<plan::MapOp, (Vec<&Write>, Vec<usize>)> = BTreeMap::new();
-                for (index, steps) in steps.iter().enumerate().take(group_end).skip(group_start) {
-                    if failed.contains_key(&index) {
+        for group in changes.chunk_by(|a, b| a.kind == b.kind) {
+            // Each step's runs of writes, by op, with the change each run belongs to.
+            let mut steps: Vec<BTreeMap<plan::MapOp, Runs>> = Vec::new();
+            for (index, change) in (group_start..).zip(group) {
+                for (step, run) in change.steps() {
+                    if steps.len() <= step {
+                        steps.resize_with(step + 1, BTreeMap::new);
+                    }
+                    steps[step]
+                        .entry(run[0].op())
+                        .or_default()
+                        .push((index, run));
+                }
+            }
+            group_start += group.len();
+            for step in steps {
+                // A change that failed in an earlier step makes no more writes.
+                let batches: Vec<Runs> = step
+                    .into_values()
+                    .map(|runs| {
+                        runs.into_iter()
+                            .filter(|(index, _)| !failed.contains_key(index))
+                            .collect()
+                    })
+                    .collect();
+                let writes: Vec<Vec<&Write>> = batches
+                    .iter()
+                    .map(|runs| runs.iter().flat_map(|(_, run)| run.iter()).collect())
+                    .collect();
+                let slices: Vec<&[&Write]> = writes.iter().map(Vec::as_slice).collect();
+                let results = self.store.write_batches(&slices);
+                for (runs, failures) in batches.iter().zip(results) {
+                    if failures.is_empty() {
                         continue;
                     }
-                    for run in steps.get(wave).into_iter().flatten() {
-                        let (writes, owners) = batches.entry(run[0].op()).or_default();
-                        writes.extend(run.iter());
-                        owners.extend(std::iter::repeat_n(index, run.len()));
-                    }
-                }
-                let batches: Vec<(Vec<&Write>, Vec<usize>)> = batches.into_values().collect();
-                let writes: Vec<&[&Write]> = batches.iter().map(|(w, _)| w.as_slice()).collect();
-                let results = self.store.write_batches(&writes);
-                for ((_, owners), failures) in batches.iter().zip(results) {
+                    // Where each run ends in the batch: the run a failed write is in.
+                    let ends: Vec<usize> = runs
+                        .iter()
+                        .scan(0, |end, (_, run)| {
+                            *end += run.len();
+                            Some(*end)
+                        })
+                        .collect();
                     for (at, error) in failures {
-                        failed.entry(owners[at]).or_insert(error);
+                        let run = ends.partition_point(|&end| end <= at).min(runs.len() - 1);
+                        failed.entry(runs[run].0).or_insert(error);
                     }
                 }
             }
-            group_start = group_end;
         }
         failed
     }

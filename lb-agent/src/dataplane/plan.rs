@@ -170,21 +170,24 @@ pub struct FrontendChange {
 }
 
 impl FrontendChange {
-    /// The writes as steps to make one after the other; the runs of writes within a step (each of
-    /// one [`MapOp`]) may be made in any order, or at once.
-    pub fn steps(&self) -> Vec<Vec<&[Write]>> {
-        let runs: Vec<&[Write]> = self.writes.chunk_by(|a, b| a.op() == b.op()).collect();
-        match (self.kind, runs.as_slice()) {
-            // Name, members and slots, then the entry that makes them reachable.
-            (ChangeKind::Added, [unreachable @ .., entry]) => {
-                vec![unreachable.to_vec(), vec![*entry]]
-            }
-            // The entry, then what it no longer makes reachable.
-            (ChangeKind::Removed, [entry, unreachable @ ..]) => {
-                vec![vec![*entry], unreachable.to_vec()]
-            }
-            _ => runs.into_iter().map(|run| vec![run]).collect(),
-        }
+    /// The writes as runs of one [`MapOp`](MapOp) each, with the step each belongs to: steps are
+    /// made one after the other, and the runs of one step in any order, or at once.
+    pub fn steps(&self) -> impl Iterator<Item = (usize, &[Write])> {
+        let same_op = |a: &Write, b: &Write| a.op() == b.op();
+        let runs = self.writes.chunk_by(same_op).count();
+        self.writes
+            .chunk_by(same_op)
+            .enumerate()
+            .map(move |(i, run)| {
+                let step = match self.kind {
+                    // Name, members and slots, then the entry that makes them reachable.
+                    ChangeKind::Added => usize::from(i + 1 == runs),
+                    // The entry, then what it no longer makes reachable.
+                    ChangeKind::Removed => usize::from(i > 0),
+                    ChangeKind::Updated => i,
+                };
+                (step, run)
+            })
     }
 }
 

@@ -279,32 +279,23 @@ impl Cluster {
             results.push((key, frontends));
         }
         // Every frontend they had or have, and what it was.
-        let mut affected: BTreeSet<Frontend> = BTreeSet::new();
+        let mut affected: Vec<Frontend> = Vec::new();
         for (key, frontends) in &results {
             let old = self.computed.get(key).into_iter().flatten();
             let new = frontends.iter().flatten();
             affected.extend(old.chain(new).map(|(f, _)| *f));
         }
+        affected.sort_unstable();
+        affected.dedup();
         let before: Vec<(Frontend, Option<FrontendState>)> = affected
             .into_iter()
             .map(|f| (f, list_changes.then(|| self.output(&f).cloned()).flatten()))
             .collect();
 
-        for (key, frontends) in results {
-            for (frontend, _) in self.computed.remove(&key).into_iter().flatten() {
-                if let Some(claimants) = self.claims.get_mut(&frontend) {
-                    claimants.retain(|k| *k != key);
-                    if claimants.is_empty() {
-                        self.claims.remove(&frontend);
-                    }
-                }
-            }
-            if let Some(frontends) = frontends {
-                for (frontend, _) in &frontends {
-                    insert_sorted(self.claims.entry(*frontend).or_default(), &key);
-                }
-                self.computed.insert(key, frontends);
-            }
+        if self.computed.is_empty() {
+            self.load(results);
+        } else {
+            self.store(results);
         }
 
         for (frontend, old) in before {
@@ -337,6 +328,54 @@ impl Cluster {
             }
         }
         out
+    }
+
+    /// Replaces the results and claims of the Services in `results` (sorted by key, as
+    /// `recompute` makes them): one Service at a time.
+    fn store(&mut self, results: Vec<(ServiceKey, Option<Results>)>) {
+        for (key, frontends) in results {
+            for (frontend, _) in self.computed.remove(&key).into_iter().flatten() {
+                if let Some(claimants) = self.claims.get_mut(&frontend) {
+                    claimants.retain(|k| *k != key);
+                    if claimants.is_empty() {
+                        self.claims.remove(&frontend);
+                    }
+                }
+            }
+            if let Some(frontends) = frontends {
+                for (frontend, _) in &frontends {
+                    insert_sorted(self.claims.entry(*frontend).or_default(), &key);
+                }
+                self.computed.insert(key, frontends);
+            }
+        }
+    }
+
+    /// [`store`](Self::store) into an empty model (a cold start): both maps are built in one go
+    /// from sorted lists, without a search by name per Service.
+    fn load(&mut self, results: Vec<(ServiceKey, Option<Results>)>) {
+        debug_assert!(self.computed.is_empty() && self.claims.is_empty());
+        let mut claims: Vec<(Frontend, &ServiceKey)> = results
+            .iter()
+            .flat_map(|(key, frontends)| frontends.iter().flatten().map(move |(f, _)| (*f, key)))
+            .collect();
+        // By frontend, then by Service: each frontend's claimants in the order that makes the
+        // first one its owner.
+        claims.sort_unstable();
+        claims.dedup();
+        self.claims = claims
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|run| {
+                (
+                    run[0].0,
+                    run.iter().map(|(_, key)| (*key).clone()).collect(),
+                )
+            })
+            .collect();
+        self.computed = results
+            .into_iter()
+            .filter_map(|(key, frontends)| Some((key, frontends?)))
+            .collect();
     }
 
     /// Reports the slices added or changed since the last sync whose Service does not exist: their

@@ -1,9 +1,6 @@
 //! A Service's endpoints, from its EndpointSlices.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -16,6 +13,9 @@ use super::{
 
 /// The API server's limit on endpoints per slice; a larger slice is malformed.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
+
+/// The hints of an endpoint that has none.
+static NO_HINTS: BTreeSet<String> = BTreeSet::new();
 
 /// An EndpointSlice as the model keeps it: parsed once, when it arrives, into what the rules
 /// read.
@@ -133,7 +133,7 @@ impl<'a> ServiceEndpoints<'a> {
         // reuses a terminating Pod's IP) counts once: the listing on this node wins, then one
         // that is not terminating, then the first in slice-name order (kube-proxy's
         // endpointslicecache.go).
-        let mut candidates: BTreeMap<Backend, Candidate> = BTreeMap::new();
+        let mut candidates: Vec<Candidate> = Vec::new();
         for slice in self.slices.iter().filter(|s| s.ipv6 == frontend.is_ipv6()) {
             let Some(slice_port) = slice
                 .ports
@@ -142,39 +142,42 @@ impl<'a> ServiceEndpoints<'a> {
             else {
                 continue;
             };
-            for endpoint in &slice.endpoints {
-                let backend = Backend {
-                    address: endpoint.address,
-                    port: slice_port.port,
-                };
+            candidates.extend(slice.endpoints.iter().map(|endpoint| {
                 let topology = endpoint.topology.as_deref();
-                let candidate = Candidate {
-                    backend,
+                Candidate {
+                    backend: Backend {
+                        address: endpoint.address,
+                        port: slice_port.port,
+                    },
                     ready: endpoint.ready,
                     serving: endpoint.serving,
                     terminating: endpoint.terminating,
-                    node_name: topology.and_then(|t| t.node_name.clone()),
-                    zone_hints: topology.map(|t| t.zone_hints.clone()).unwrap_or_default(),
-                    node_hints: topology.map(|t| t.node_hints.clone()).unwrap_or_default(),
-                };
-                match candidates.get(&backend) {
-                    Some(listed) if !preferred(&candidate, listed, node) => {}
-                    _ => {
-                        candidates.insert(backend, candidate);
+                    node_name: topology.and_then(|t| t.node_name.as_deref()),
+                    zone_hints: topology.map_or(&NO_HINTS, |t| &t.zone_hints),
+                    node_hints: topology.map_or(&NO_HINTS, |t| &t.node_hints),
+                }
+            }));
+        }
+        // One candidate per backend: of several listings (the same address in several slices),
+        // the first unless a later one is preferred. A stable sort keeps listings in order.
+        candidates.sort_by_key(|c| c.backend);
+        let mut unique: Vec<Candidate> = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            match unique.last_mut() {
+                Some(listed) if listed.backend == candidate.backend => {
+                    if preferred(&candidate, listed, node) {
+                        *listed = candidate;
                     }
                 }
+                _ => unique.push(candidate),
             }
         }
-        let candidates: Vec<Candidate> = candidates.into_values().collect();
-        topology::select(&candidates, policy, node)
+        topology::select(&unique, policy, node)
     }
 }
 
-/// Whether `new` replaces `listed`, an earlier listing of the same address: one on this node
-/// over one elsewhere, then one that is not terminating over one that is.
 fn preferred(new: &Candidate, listed: &Candidate, node: &NodeContext) -> bool {
-    let local = |c: &Candidate| node.name.is_some() && c.node_name == node.name;
-    match (local(new), local(listed)) {
+    match (new.is_on(node), listed.is_on(node)) {
         (true, false) => true,
         (false, true) => false,
         _ => listed.terminating && !new.terminating,

@@ -15,16 +15,22 @@ use std::collections::BTreeSet;
 
 use super::{Backend, NodeContext};
 
-/// An endpoint with what the rules look at.
-#[derive(Clone, Debug)]
-pub(super) struct Candidate {
+/// An endpoint with what the rules look at, borrowed from its slice.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Candidate<'a> {
     pub backend: Backend,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone_hints: BTreeSet<String>,
-    pub node_hints: BTreeSet<String>,
+    pub node_name: Option<&'a str>,
+    pub zone_hints: &'a BTreeSet<String>,
+    pub node_hints: &'a BTreeSet<String>,
+}
+
+impl Candidate<'_> {
+    pub fn is_on(&self, node: &NodeContext) -> bool {
+        node.name.is_some() && self.node_name == node.name.as_deref()
+    }
 }
 
 /// The Service settings the rules depend on.
@@ -56,7 +62,7 @@ pub(super) fn select(
     let serving_terminating = |c: &Candidate| c.serving && c.terminating;
 
     if policy.local {
-        let is_local = |c: &Candidate| node.name.is_some() && c.node_name == node.name;
+        let is_local = |c: &Candidate| c.is_on(node);
         let ready = pick(&|c| is_local(c) && c.ready);
         if !ready.is_empty() {
             return ready;
@@ -76,15 +82,16 @@ pub(super) fn select(
 
 fn topology_mode(candidates: &[Candidate], node: &NodeContext) -> TopologyMode {
     let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.ready).collect();
-    let hinted = |hints: fn(&Candidate) -> &BTreeSet<String>, wanted: Option<&String>| {
+    let hinted = |hints: for<'c> fn(&'c Candidate) -> &'c BTreeSet<String>,
+                  wanted: Option<&String>| {
         let all_hinted = ready.iter().all(|c| !hints(c).is_empty());
         let any_for_us = wanted.is_some_and(|w| ready.iter().any(|c| hints(c).contains(w)));
         all_hinted && any_for_us
     };
-    if hinted(|c| &c.node_hints, node.name.as_ref()) {
+    if hinted(|c| c.node_hints, node.name.as_ref()) {
         return TopologyMode::SameNode;
     }
-    if hinted(|c| &c.zone_hints, node.zone.as_ref()) {
+    if hinted(|c| c.zone_hints, node.zone.as_ref()) {
         return TopologyMode::SameZone;
     }
     TopologyMode::All
