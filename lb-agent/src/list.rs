@@ -2,17 +2,20 @@
 //!
 //! JSON schema (`-o json`), stable:
 //! `{"layout_version", "frontends": [{"service": {"namespace", "name", "port"}, "frontend":
-//! {"address", "port", "protocol"}, "backends": [{"address", "port"}]}]}`, where
-//! `layout_version` is the version of the maps' layout the node runs (lb-common's
-//! `LAYOUT_VERSION`; absent from the output of agents older than versioned layouts),
-//! `service.port` is the Service port's name ("" when unnamed), `protocol` is TCP, UDP or SCTP,
-//! and backends are in slot order. The table ends with a line naming the layout version.
+//! {"address", "port", "protocol"}, "backends": [{"address", "port"}], "counters": {"connects",
+//! "refused", "datagrams", "affinity_hits", "sockets_destroyed"}}]}`, where `layout_version` is
+//! the version of the maps' layout the node runs (lb-common's `LAYOUT_VERSION`; absent from the
+//! output of agents older than versioned layouts), `service.port` is the Service port's name (""
+//! when unnamed), `protocol` is TCP, UDP or SCTP, backends are in slot order, and `counters` are
+//! what the programs counted for the frontend since it was programmed (lb-common's
+//! `ServiceCounters`; absent from the output of agents older than layout version 3, or while
+//! the frontend is being added). The table ends with a line naming the layout version.
 
 use std::{io::Write as _, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use lb_common::LAYOUT_VERSION;
+use lb_common::{LAYOUT_VERSION, ServiceCounters};
 
 use crate::{
     OutputFormat,
@@ -37,6 +40,30 @@ pub struct Row {
     pub service: ServiceJson,
     pub frontend: FrontendJson,
     pub backends: Vec<BackendJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<CountersJson>,
+}
+
+/// A frontend's counters, summed over the CPUs (lb-common's `ServiceCounters`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersJson {
+    pub connects: u64,
+    pub refused: u64,
+    pub datagrams: u64,
+    pub affinity_hits: u64,
+    pub sockets_destroyed: u64,
+}
+
+impl From<ServiceCounters> for CountersJson {
+    fn from(c: ServiceCounters) -> Self {
+        Self {
+            connects: c.connects,
+            refused: c.refused,
+            datagrams: c.datagrams,
+            affinity_hits: c.affinity_hits,
+            sockets_destroyed: c.sockets_destroyed,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,8 +89,14 @@ pub struct BackendJson {
 
 pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<()> {
     let maps = BpfMaps::open_pinned(pin_dir)?;
-    let rows = view(&maps.snapshot()?);
-    for row in rows.iter().filter(|r| r.missing_slots > 0) {
+    let rows: Vec<(FrontendView, Option<CountersJson>)> = view(&maps.snapshot()?)
+        .into_iter()
+        .map(|row| {
+            let counters = maps.counters(row.service_id)?.map(CountersJson::from);
+            anyhow::Ok((row, counters))
+        })
+        .collect::<Result<_, _>>()?;
+    for (row, _) in rows.iter().filter(|(r, _)| r.missing_slots > 0) {
         eprintln!(
             "warning: {} lacks {} backend slot(s); the running agent repairs this on its next sync",
             row.frontend, row.missing_slots
@@ -86,12 +119,12 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<()> {
     }
 }
 
-fn to_json(rows: &[FrontendView]) -> Listing {
+fn to_json(rows: &[(FrontendView, Option<CountersJson>)]) -> Listing {
     Listing {
         layout_version: Some(LAYOUT_VERSION),
         frontends: rows
             .iter()
-            .map(|r| Row {
+            .map(|(r, counters)| Row {
                 service: ServiceJson {
                     namespace: r.service.namespace.clone(),
                     name: r.service.name.clone(),
@@ -99,6 +132,7 @@ fn to_json(rows: &[FrontendView]) -> Listing {
                 },
                 frontend: frontend_json(&r.frontend),
                 backends: r.backends.iter().map(backend_json).collect(),
+                counters: *counters,
             })
             .collect(),
     }
@@ -119,10 +153,22 @@ fn backend_json(b: &Backend) -> BackendJson {
     }
 }
 
-fn table(rows: &[FrontendView]) -> String {
-    let cells: Vec<[String; 3]> = rows
+/// One row per frontend: the Service port, the frontend, its counters (empty while it has none)
+/// and its backends (last: the longest).
+fn table(rows: &[(FrontendView, Option<CountersJson>)]) -> String {
+    const HEADER: [&str; 8] = [
+        "SERVICE",
+        "FRONTEND",
+        "CONNECTS",
+        "DATAGRAMS",
+        "REFUSED",
+        "AFFINITY",
+        "DESTROYED",
+        "BACKENDS",
+    ];
+    let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| {
+        .map(|(r, counters)| {
             let backends = if r.backends.is_empty() {
                 "<none: connects refused>".to_owned()
             } else {
@@ -132,14 +178,24 @@ fn table(rows: &[FrontendView]) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            [r.service.to_string(), r.frontend.to_string(), backends]
+            let count = |field: fn(&CountersJson) -> u64| {
+                counters
+                    .as_ref()
+                    .map_or(String::new(), |c| field(c).to_string())
+            };
+            vec![
+                r.service.to_string(),
+                r.frontend.to_string(),
+                count(|c| c.connects),
+                count(|c| c.datagrams),
+                count(|c| c.refused),
+                count(|c| c.affinity_hits),
+                count(|c| c.sockets_destroyed),
+                backends,
+            ]
         })
         .collect();
-    let header = [
-        "SERVICE".to_owned(),
-        "FRONTEND".to_owned(),
-        "BACKENDS".to_owned(),
-    ];
+    let header: Vec<String> = HEADER.iter().map(|h| (*h).to_owned()).collect();
     let width = |i: usize| {
         std::iter::once(&header)
             .chain(&cells)
@@ -147,10 +203,22 @@ fn table(rows: &[FrontendView]) -> String {
             .max()
             .unwrap_or(0)
     };
-    let (w0, w1) = (width(0), width(1));
+    let widths: Vec<usize> = (0..HEADER.len()).map(width).collect();
     std::iter::once(&header)
         .chain(&cells)
-        .map(|[a, b, c]| format!("{a:w0$}  {b:w1$}  {c}\n"))
+        .map(|row| {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                let w = widths[i];
+                match i {
+                    // Names left-aligned, counts right-aligned, backends unpadded.
+                    0 | 1 => line.push_str(&format!("{cell:w$}  ")),
+                    i if i + 1 < row.len() => line.push_str(&format!("{cell:>w$}  ")),
+                    _ => line.push_str(cell),
+                }
+            }
+            line + "\n"
+        })
         .collect()
 }
 
@@ -159,45 +227,62 @@ mod tests {
     use super::*;
     use crate::model::{Protocol, ServicePortName};
 
-    fn rows() -> Vec<FrontendView> {
+    fn rows() -> Vec<(FrontendView, Option<CountersJson>)> {
         vec![
-            FrontendView {
-                service: ServicePortName {
-                    namespace: "shop".into(),
-                    name: "web".into(),
-                    port: "http".into(),
-                },
-                frontend: Frontend {
-                    address: "10.96.0.10".parse().unwrap(),
-                    port: 80,
-                    protocol: Protocol::Tcp,
-                },
-                backends: vec![
-                    Backend {
-                        address: "10.244.0.1".parse().unwrap(),
-                        port: 8080,
+            (
+                FrontendView {
+                    service: ServicePortName {
+                        namespace: "shop".into(),
+                        name: "web".into(),
+                        port: "http".into(),
                     },
-                    Backend {
-                        address: "10.244.0.2".parse().unwrap(),
-                        port: 8080,
+                    frontend: Frontend {
+                        address: "10.96.0.10".parse().unwrap(),
+                        port: 80,
+                        protocol: Protocol::Tcp,
                     },
-                ],
-                missing_slots: 0,
-            },
-            FrontendView {
-                service: ServicePortName {
-                    namespace: "shop".into(),
-                    name: "empty".into(),
-                    port: String::new(),
+                    backends: vec![
+                        Backend {
+                            address: "10.244.0.1".parse().unwrap(),
+                            port: 8080,
+                        },
+                        Backend {
+                            address: "10.244.0.2".parse().unwrap(),
+                            port: 8080,
+                        },
+                    ],
+                    service_id: 1,
+                    missing_slots: 0,
                 },
-                frontend: Frontend {
-                    address: "10.96.0.11".parse().unwrap(),
-                    port: 53,
-                    protocol: Protocol::Udp,
+                Some(CountersJson {
+                    connects: 1200,
+                    refused: 0,
+                    datagrams: 0,
+                    affinity_hits: 3,
+                    sockets_destroyed: 1,
+                }),
+            ),
+            (
+                FrontendView {
+                    service: ServicePortName {
+                        namespace: "shop".into(),
+                        name: "empty".into(),
+                        port: String::new(),
+                    },
+                    frontend: Frontend {
+                        address: "10.96.0.11".parse().unwrap(),
+                        port: 53,
+                        protocol: Protocol::Udp,
+                    },
+                    backends: vec![],
+                    service_id: 2,
+                    missing_slots: 0,
                 },
-                backends: vec![],
-                missing_slots: 0,
-            },
+                Some(CountersJson {
+                    refused: 5,
+                    ..Default::default()
+                }),
+            ),
         ]
     }
 
@@ -205,9 +290,12 @@ mod tests {
     fn table_has_one_aligned_row_per_frontend() {
         assert_eq!(
             table(&rows()),
-            "SERVICE        FRONTEND           BACKENDS\n\
-             shop/web:http  10.96.0.10:80/TCP  10.244.0.1:8080, 10.244.0.2:8080\n\
-             shop/empty     10.96.0.11:53/UDP  <none: connects refused>\n"
+            "SERVICE        FRONTEND           CONNECTS  DATAGRAMS  REFUSED  AFFINITY  DESTROYED  \
+             BACKENDS\n\
+             shop/web:http  10.96.0.10:80/TCP      1200          0        0         3          1  \
+             10.244.0.1:8080, 10.244.0.2:8080\n\
+             shop/empty     10.96.0.11:53/UDP         0          0        5         0          0  \
+             <none: connects refused>\n"
         );
     }
 
@@ -222,7 +310,11 @@ mod tests {
                 "backends": [
                     {"address": "10.244.0.1", "port": 8080},
                     {"address": "10.244.0.2", "port": 8080}
-                ]
+                ],
+                "counters": {
+                    "connects": 1200, "refused": 0, "datagrams": 0, "affinity_hits": 3,
+                    "sockets_destroyed": 1
+                }
             })
         );
         assert_eq!(json["frontends"][1]["backends"], serde_json::json!([]));

@@ -71,13 +71,17 @@
 ///
 /// - 1: the maps as they were before versions existed.
 /// - 2: [`ServiceEntry::affinity_timeout_s`] (session affinity) and the `*_AFFINITY` maps.
-pub const LAYOUT_VERSION: u32 = if cfg!(feature = "layout-test") { 3 } else { 2 };
+/// - 3: the per-frontend counters, `LB_COUNTERS` ([`ServiceCounters`]).
+pub const LAYOUT_VERSION: u32 = if cfg!(feature = "layout-test") { 4 } else { 3 };
 
 /// Capacity of the service (frontend) maps. A frontend is one ClusterIP × port × protocol.
 pub const MAX_SERVICES: u32 = 65_536;
 /// Capacity of each backend slot map, shared by all frontends, and of each member map (one entry
 /// per slot).
 pub const MAX_BACKEND_SLOTS: u32 = 524_288;
+/// Capacity of `LB_COUNTERS`: one entry per frontend, of either family (service ids are shared by
+/// both).
+pub const MAX_FRONTENDS: u32 = 2 * MAX_SERVICES;
 /// Largest backend set one frontend may have (the count is a `u16`; kube caps a slice at 1000
 /// endpoints, so this leaves room for many slices).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 16_384;
@@ -89,8 +93,7 @@ pub mod protocol {
     pub const SCTP: u8 = 132;
 }
 
-/// Bits of [`ServiceEntry::flags`]. None are defined yet; session affinity and per-service
-/// counters will take the first ones.
+/// Bits of [`ServiceEntry::flags`]. None are defined yet.
 pub mod service_flags {}
 
 /// Key of `LB4_SERVICES`: a Service frontend (ClusterIP, port, protocol).
@@ -433,6 +436,38 @@ impl BackendMember {
     pub const MARKER: Self = Self { marker: 1 };
 }
 
+/// Value of `LB_COUNTERS`, a per-CPU hash keyed by service id: what the programs did for one
+/// frontend (the sum over CPUs is the total). The agent creates a frontend's entry, at zero,
+/// before the service entry that makes the frontend reachable, and deletes it with the frontend;
+/// the programs only add to an entry that exists. `lb-agent list` shows the sums.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceCounters {
+    /// Connects (TCP, connected UDP) translated to a backend.
+    pub connects: u64,
+    /// Connects and datagrams refused because the frontend had no backends (ECONNREFUSED).
+    pub refused: u64,
+    /// Datagrams of unconnected UDP sockets (`sendto`, `sendmsg`) translated to a backend.
+    pub datagrams: u64,
+    /// Translations that went to the backend session affinity kept for the client.
+    pub affinity_hits: u64,
+    /// Sockets ended because their backend left the frontend's set.
+    pub sockets_destroyed: u64,
+}
+
+impl ServiceCounters {
+    /// `self + other`, field by field (wrapping, as the programs' counters do).
+    pub fn add(&self, other: &Self) -> Self {
+        Self {
+            connects: self.connects.wrapping_add(other.connects),
+            refused: self.refused.wrapping_add(other.refused),
+            datagrams: self.datagrams.wrapping_add(other.datagrams),
+            affinity_hits: self.affinity_hits.wrapping_add(other.affinity_hits),
+            sockets_destroyed: self.sockets_destroyed.wrapping_add(other.sockets_destroyed),
+        }
+    }
+}
+
 /// Default capacity of each per-socket LRU map (`--socket-map-entries`).
 pub const DEFAULT_SOCKET_MAP_ENTRIES: u32 = 65_536;
 
@@ -467,6 +502,7 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity4 {}
     unsafe impl aya::Pod for Affinity6 {}
+    unsafe impl aya::Pod for ServiceCounters {}
 }
 
 #[cfg(test)]
@@ -509,6 +545,15 @@ mod tests {
         assert_eq!(size_of::<Affinity6>(), 32);
         assert_eq!(offset_of!(Affinity6, _pad), 20);
         assert_eq!(offset_of!(Affinity6, last_used_ns), 24);
+    }
+
+    #[test]
+    fn counters_layout() {
+        assert_eq!(size_of::<ServiceCounters>(), 40);
+        assert_eq!(offset_of!(ServiceCounters, refused), 8);
+        assert_eq!(offset_of!(ServiceCounters, datagrams), 16);
+        assert_eq!(offset_of!(ServiceCounters, affinity_hits), 24);
+        assert_eq!(offset_of!(ServiceCounters, sockets_destroyed), 32);
     }
 
     #[test]

@@ -2,17 +2,17 @@
 //! so each program's logic is written once.
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
-    btf_maps::{HashMap, LruHashMap},
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC},
+    btf_maps::{HashMap, LruHashMap, PerCpuHashMap},
     macros::btf_map,
     programs::SockAddrContext,
 };
 use lb_common::{
     Affinity4, Affinity6, AffinityKey, Backend4, Backend6, BackendMember, BackendMember4Key,
     BackendMember6Key, BackendSlotKey, DEFAULT_AFFINITY_MAP_ENTRIES, DEFAULT_SOCKET_MAP_ENTRIES,
-    Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS, MAX_SERVICES, Reverse4Key, Reverse6Key,
-    ServiceAddr4, ServiceAddr6, ServiceEntry, ServiceName, SockBackend4, SockBackend6,
-    SockFrontend4Key, SockFrontend6Key,
+    Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, Reverse4Key,
+    Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceCounters, ServiceEntry, ServiceName,
+    SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key,
 };
 
 const SOCKET_MAP_ENTRIES: usize = DEFAULT_SOCKET_MAP_ENTRIES as usize;
@@ -46,6 +46,42 @@ static LB6_MEMBERS: HashMap<BackendMember6Key, BackendMember, { MAX_BACKEND_SLOT
 /// others.
 #[btf_map]
 static LB_SVC_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Per frontend (service id), per CPU. Allocated only for the frontends that exist (the agent
+/// creates each entry): preallocated, it would take `MAX_FRONTENDS` × CPUs × 40 bytes.
+#[btf_map]
+static LB_COUNTERS: PerCpuHashMap<
+    u32,
+    ServiceCounters,
+    { MAX_FRONTENDS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
+
+/// One of a frontend's [`ServiceCounters`].
+#[derive(Clone, Copy)]
+pub enum Counter {
+    Connect,
+    Refused,
+    Datagram,
+    AffinityHit,
+}
+
+/// Adds one to a frontend's counter (this CPU's copy: programs of one CPU never run at once).
+#[inline(always)]
+pub fn count(service_id: u32, counter: Counter) {
+    let Some(counters) = LB_COUNTERS.get_ptr_mut(service_id) else {
+        return; // the frontend is being added or removed
+    };
+    // SAFETY: a per-CPU value of an existing entry, written only by this CPU's programs.
+    let counters = unsafe { &mut *counters };
+    let field = match counter {
+        Counter::Connect => &mut counters.connects,
+        Counter::Refused => &mut counters.refused,
+        Counter::Datagram => &mut counters.datagrams,
+        Counter::AffinityHit => &mut counters.affinity_hits,
+    };
+    *field += 1;
+}
 
 // The per-socket maps: LRU, so they can never fill up (the agent sizes them at load time).
 #[btf_map]

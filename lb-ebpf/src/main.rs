@@ -12,6 +12,9 @@
 //! its network namespace, to the backend it got last time, while that backend is in the set and
 //! the frontend's timeout has not passed since the client's last connect.
 //!
+//! Each frontend counts, per CPU, the connects and datagrams it translated or refused and its
+//! session affinity hits (`LB_COUNTERS`, shown by `lb-agent list`).
+//!
 //! A socket that addresses anything else costs one map lookup and is left alone. IPv4 Services
 //! reached through IPv4-mapped addresses (`::ffff:a.b.c.d`) on AF_INET6 sockets are served from
 //! the IPv4 maps. The maps are described in lb-common.
@@ -30,7 +33,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{AffinityKey, ServiceEntry};
 
-use family::{Family, Inet, Inet6, Inet6Addr};
+use family::{Counter, Family, Inet, Inet6, Inet6Addr, count};
 
 /// cgroup sock_addr verdicts.
 const ALLOW: i32 = 1;
@@ -120,12 +123,14 @@ fn connect<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
         return Verdict::Untouched;
     };
     if service.backend_count == 0 {
+        count(service.service_id, Counter::Refused);
         return Verdict::Refuse(service);
     }
     let Some(backend) = choose::<F>(ctx, &service) else {
         return Verdict::Untouched;
     };
     F::remember_reverse(cookie(ctx), &backend, address, port);
+    count(service.service_id, Counter::Connect);
     Verdict::Translate(backend)
 }
 
@@ -140,6 +145,7 @@ fn sendmsg<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
         return Verdict::Untouched;
     };
     if service.backend_count == 0 {
+        count(service.service_id, Counter::Refused);
         return Verdict::Refuse(service);
     }
     let cookie = cookie(ctx);
@@ -153,6 +159,7 @@ fn sendmsg<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
         if F::reverse(cookie, backend_address, backend_port) != Some((address, port)) {
             F::remember_reverse(cookie, &backend, address, port);
         }
+        count(service_id, Counter::Datagram);
         return Verdict::Translate(backend);
     }
     let Some(backend) = choose::<F>(ctx, &service) else {
@@ -160,6 +167,7 @@ fn sendmsg<F: Family>(ctx: &SockAddrContext, (address, port): (F::Addr, u16)) ->
     };
     F::remember_sock_backend(cookie, &frontend, service.service_id, &backend);
     F::remember_reverse(cookie, &backend, address, port);
+    count(service.service_id, Counter::Datagram);
     Verdict::Translate(backend)
 }
 
@@ -185,6 +193,7 @@ fn choose<F: Family>(ctx: &SockAddrContext, service: &ServiceEntry) -> Option<F:
             if now.saturating_sub(last_used) < timeout_ns
                 && F::is_member(service.service_id, &backend) =>
         {
+            count(service.service_id, Counter::AffinityHit);
             backend
         }
         _ => pick::<F>(ctx, service)?,

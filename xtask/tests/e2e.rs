@@ -51,6 +51,8 @@ fn web() -> SocketAddr {
 mod affinity;
 #[path = "e2e/bad_input.rs"]
 mod bad_input;
+#[path = "e2e/counters.rs"]
+mod counters;
 #[path = "e2e/dns.rs"]
 mod dns;
 #[path = "e2e/sockets.rs"]
@@ -166,6 +168,10 @@ fn main() {
         (
             "session_affinity_keeps_each_client_on_its_backend_until_it_leaves_or_the_timeout_passes",
             affinity::client_ip,
+        ),
+        (
+            "per_frontend_counters_count_each_connect_datagram_refusal_and_affinity_hit_and_survive_a_restart",
+            counters::per_frontend,
         ),
         (
             "upgrade_from_an_agent_before_versioned_layouts_fails_no_connect",
@@ -556,11 +562,15 @@ fn list_and_reset() -> anyhow::Result<()> {
 
     let json: serde_json::Value =
         serde_json::from_str(&tb.agent_command(&["list", "-o", "json"])?)?;
+    let zero = serde_json::json!({
+        "connects": 0, "refused": 0, "datagrams": 0, "affinity_hits": 0, "sockets_destroyed": 0
+    });
     let expected = serde_json::json!({"layout_version": lb_common::LAYOUT_VERSION, "frontends": [
         {
             "service": {"namespace": "demo", "name": "cache", "port": "redis"},
             "frontend": {"address": "10.96.0.20", "port": 6379, "protocol": "TCP"},
-            "backends": []
+            "backends": [],
+            "counters": zero
         },
         {
             "service": {"namespace": "demo", "name": "web", "port": "http"},
@@ -568,7 +578,8 @@ fn list_and_reset() -> anyhow::Result<()> {
             "backends": [
                 {"address": "10.244.1.1", "port": 8080},
                 {"address": "10.244.1.2", "port": 8080}
-            ]
+            ],
+            "counters": zero
         }
     ]});
     ensure!(json == expected, "lb-agent list -o json:\n{json:#}");

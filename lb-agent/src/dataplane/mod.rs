@@ -36,6 +36,9 @@ pub struct Snapshot {
     pub members4: Vec<BackendMember4Key>,
     pub members6: Vec<BackendMember6Key>,
     pub names: Vec<(u32, ServiceName)>,
+    /// The service ids that have counters (the values are for `lb-agent list`, which reads them
+    /// itself).
+    pub counters: Vec<u32>,
 }
 
 impl Snapshot {
@@ -436,9 +439,9 @@ impl<S: MapStore> Dataplane<S> {
     }
 }
 
-/// The writes that remove slots, members and names no service entry of `programmed` reaches,
-/// then add the member entries missing for backends in a slot below a count; each with what it
-/// repairs.
+/// The writes that remove slots, members, names and counters no service entry of `programmed`
+/// reaches, then add the counters missing for a service id in use and the member entries missing
+/// for backends in a slot below a count; each with what it repairs.
 fn housekeeping(snapshot: &Snapshot, programmed: &Programmed) -> Vec<(Write, String)> {
     let reachable: BTreeMap<(Family, u32), usize> = programmed
         .iter()
@@ -480,6 +483,19 @@ fn housekeeping(snapshot: &Snapshot, programmed: &Programmed) -> Vec<(Write, Str
         writes.push((
             Write::DeleteName(*id),
             format!("removed the name of service id {id}, which no entry has"),
+        ));
+    }
+    for id in snapshot.counters.iter().filter(|id| !ids.contains(id)) {
+        writes.push((
+            Write::DeleteCounters(*id),
+            format!("removed the counters of service id {id}, which no entry has"),
+        ));
+    }
+    let counted: BTreeSet<u32> = snapshot.counters.iter().copied().collect();
+    for id in ids.difference(&counted) {
+        writes.push((
+            Write::PutCounters(*id),
+            format!("created the missing counters of service id {id}, at zero"),
         ));
     }
     for (id, b) in members.difference(&present) {
@@ -643,6 +659,8 @@ fn backend_of(b: &BackendAddr) -> Backend {
 pub struct FrontendView {
     pub service: ServicePortName,
     pub frontend: Frontend,
+    /// The id its slots, name and counters are keyed by.
+    pub service_id: u32,
     /// In slot order.
     pub backends: Vec<Backend>,
     /// Slots below the count that the map lacks (only after an interrupted write).
@@ -663,6 +681,7 @@ pub fn view(snapshot: &Snapshot) -> Vec<FrontendView> {
                     port: name.port_name().to_owned(),
                 },
                 frontend: frontend_of(&key),
+                service_id: programmed.service_id,
                 missing_slots: programmed.slots.iter().filter(|s| s.is_none()).count(),
                 backends: programmed.slots.iter().flatten().map(backend_of).collect(),
             }

@@ -9,14 +9,15 @@
 //! and so that every backend reachable through a slot below the count has its member entry, each
 //! frontend's writes go:
 //!
-//! - **added**: name, the members of its backends and backend slots `0..n` (in any order:
-//!   none is reachable yet), then the service entry (count `n`) that makes them reachable;
+//! - **added**: name, counters (at zero), the members of its backends and backend slots `0..n`
+//!   (in any order: none is reachable yet), then the service entry (count `n`) that makes them
+//!   reachable;
 //! - **updated**: the members of joining backends, then the changed slots below the new count,
 //!   then the entry with the new count, then the slots at or above the new count (now
 //!   unreachable) are deleted, then the members of departed backends (now in no slot below the
 //!   count);
 //! - **removed**: the entry first (connects and datagrams stop matching), then its slots, its
-//!   members and its name (in any order: none is reachable any more).
+//!   members, its name and its counters (in any order: none is reachable any more).
 //!
 //! While an update runs, a connect may still reach a backend of the old set (a slot not yet
 //! rewritten, or one below the old count), and a socket that had a departed backend keeps it until
@@ -121,6 +122,9 @@ pub enum Write {
     DeleteBackend(Family, BackendSlotKey),
     DeleteMember(u32, BackendAddr),
     DeleteName(u32),
+    /// Creates a frontend's counters (by service id), at zero.
+    PutCounters(u32),
+    DeleteCounters(u32),
 }
 
 /// Which map a [`Write`] goes to and whether it puts or deletes: writes of one op can be made
@@ -135,6 +139,8 @@ pub enum MapOp {
     DeleteService(Family),
     PutMember(Family),
     DeleteMember(Family),
+    PutCounters,
+    DeleteCounters,
 }
 
 impl Write {
@@ -148,6 +154,8 @@ impl Write {
             Write::DeleteService(k) => MapOp::DeleteService(k.family()),
             Write::PutMember(_, b) => MapOp::PutMember(b.family()),
             Write::DeleteMember(_, b) => MapOp::DeleteMember(b.family()),
+            Write::PutCounters(_) => MapOp::PutCounters,
+            Write::DeleteCounters(_) => MapOp::DeleteCounters,
         }
     }
 }
@@ -235,7 +243,10 @@ pub fn plan(programmed: &Programmed, wanted: &Wanted, scope: Scope) -> Vec<Front
 
 fn add(frontend: FrontendKey, want: &WantedFrontend, service_id: u32) -> FrontendChange {
     let slots: Vec<BackendAddr> = want.backends.iter().copied().collect();
-    let mut writes = vec![Write::PutName(service_id, Box::new(want.name))];
+    let mut writes = vec![
+        Write::PutName(service_id, Box::new(want.name)),
+        Write::PutCounters(service_id),
+    ];
     writes.extend(slots.iter().map(|b| Write::PutMember(service_id, *b)));
     writes.extend(
         slots
@@ -325,6 +336,7 @@ fn remove(frontend: FrontendKey, current: &ProgrammedFrontend) -> FrontendChange
     let members: BTreeSet<BackendAddr> = current.slots.iter().flatten().copied().collect();
     writes.extend(members.into_iter().map(|b| Write::DeleteMember(id, b)));
     writes.push(Write::DeleteName(id));
+    writes.push(Write::DeleteCounters(id));
     FrontendChange {
         frontend,
         kind: ChangeKind::Removed,
@@ -540,6 +552,7 @@ mod tests {
             only_writes(&changes),
             [
                 Write::PutName(1, Box::new(name())),
+                Write::PutCounters(1),
                 Write::PutMember(1, b(1)),
                 Write::PutMember(1, b(2)),
                 Write::PutBackend(
@@ -607,6 +620,7 @@ mod tests {
                 Write::DeleteMember(7, b(1)),
                 Write::DeleteMember(7, b(2)),
                 Write::DeleteName(7),
+                Write::DeleteCounters(7),
             ]
         );
     }

@@ -20,6 +20,8 @@ struct MemStore {
     /// (service id, backend); the backend's family says which member map.
     members: BTreeSet<(u32, BackendAddr)>,
     names: BTreeMap<u32, ServiceName>,
+    /// A frontend's counters (one number stands for them all), by service id.
+    counters: BTreeMap<u32, u64>,
     writes: usize,
     /// Every write, in order.
     log: Vec<Write>,
@@ -59,6 +61,8 @@ impl MapStore for MemStore {
             Write::DeleteName(id) => drop(self.names.remove(id)),
             Write::PutMember(id, b) => drop(self.members.insert((*id, *b))),
             Write::DeleteMember(id, b) => drop(self.members.remove(&(*id, *b))),
+            Write::PutCounters(id) => drop(self.counters.insert(*id, 0)),
+            Write::DeleteCounters(id) => drop(self.counters.remove(id)),
         }
         self.writes += 1;
         self.log.push(write.clone());
@@ -69,6 +73,7 @@ impl MapStore for MemStore {
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let mut snapshot = Snapshot {
             names: self.names.iter().map(|(k, v)| (*k, *v)).collect(),
+            counters: self.counters.keys().copied().collect(),
             ..Default::default()
         };
         for (key, entry) in &self.services {
@@ -103,6 +108,10 @@ fn port(key: &FrontendKey) -> u16 {
 impl MemStore {
     fn check_connect_view(&mut self) {
         for (frontend, entry) in &self.services {
+            if !self.counters.contains_key(&entry.service_id) {
+                let port = port(frontend);
+                self.violations.push(format!("port {port}: no counters"));
+            }
             for slot in 0..u32::from(entry.backend_count) {
                 let key = BackendSlotKey {
                     service_id: entry.service_id,
@@ -314,13 +323,34 @@ fn a_cold_start_is_two_steps_and_a_failing_frontend_stops_only_itself() {
             PutName,
             PutBackend(Family::V4),
             PutMember(Family::V4),
+            PutCounters,
             PutService(Family::V4),
             PutService(Family::V4)
         ]
     );
     assert_eq!(dp.store.batches[2].1, 500);
+    assert_eq!(dp.store.batches[3].1, 50);
     assert_eq!(dp.store.services.len(), 49);
     assert_eq!(dp.store.violations, Vec::<String>::new());
+}
+
+#[test]
+fn counters_live_as_long_as_their_frontend_and_a_new_frontend_starts_at_zero() {
+    let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
+    step(&mut dp, &[(80, &[1, 2]), (81, &[3])]);
+    let id = dp.store.id(80);
+    // What the programs counted so far.
+    *dp.store.counters.get_mut(&id).unwrap() = 7;
+    step(&mut dp, &[(80, &[2, 4, 5]), (81, &[3])]);
+    assert_eq!(dp.store.counters[&id], 7, "an update keeps the counters");
+    step(&mut dp, &[(81, &[3])]);
+    assert!(
+        !dp.store.counters.contains_key(&id),
+        "removed with the frontend"
+    );
+    step(&mut dp, &[(80, &[1]), (81, &[3])]);
+    assert_eq!(dp.store.counters[&dp.store.id(80)], 0);
+    assert_eq!(dp.store.counters.len(), 2);
 }
 
 #[test]
@@ -626,8 +656,9 @@ fn applying_changes_touches_only_those_frontends_and_never_reuses_an_id() {
         unique.len(),
         "two frontends share a service id: {ids:?}"
     );
-    // 80: member, slot, member; 81: entry, slot, member, name; 83: name, member, slot, entry.
-    assert_eq!(dp.store.writes - writes, 11);
+    // 80: member, slot, member; 81: entry, slot, member, name, counters; 83: name, counters,
+    // member, slot, entry.
+    assert_eq!(dp.store.writes - writes, 13);
     dp.store.assert_members_match_slots();
 }
 
@@ -673,6 +704,9 @@ mod reconciler {
         let slots: usize = frontends.iter().map(|(_, l)| l.len()).sum();
         assert_eq!(s.backends.len(), slots, "no stray slot");
         assert_eq!(s.names.len(), frontends.len(), "no stray name");
+        let ids: BTreeSet<u32> = s.services.values().map(|e| e.service_id).collect();
+        let counted: BTreeSet<u32> = s.counters.keys().copied().collect();
+        assert_eq!(counted, ids, "counters for exactly the frontends");
         s.assert_members_match_slots();
         report
     }
@@ -800,6 +834,7 @@ mod reconciler {
             .iter()
             .map(|w| match w {
                 Write::PutName(..) => "name",
+                Write::PutCounters(..) => "counters",
                 Write::PutMember(..) => "member",
                 Write::PutBackend(..) => "slot",
                 Write::PutService(..) => "entry",
@@ -812,10 +847,11 @@ mod reconciler {
         assert_eq!(
             (before.as_slice(), last),
             (
-                ["member", "member", "name", "slot", "slot"].as_slice(),
+                ["counters", "member", "member", "name", "slot", "slot"].as_slice(),
                 ["entry"].as_slice()
             ),
-            "name, members and slots (in any order), then the entry that makes them reachable"
+            "name, counters, members and slots (in any order), then the entry that makes them \
+             reachable"
         );
         store(&mut r).violations.clear();
     }
@@ -834,11 +870,21 @@ mod reconciler {
         s.members.insert((77, backend4(8)));
         s.names.insert(60, ServiceName::new("x", "y", ""));
         assert!(s.members.remove(&(id, backend4(2))));
+        // Counters of no entry, and the frontend's own deleted.
+        s.counters.insert(70, 3);
+        assert!(s.counters.remove(&id).is_some());
         let report = resync_to(&mut r, &[(80, &[1, 2])]);
+        store(&mut r).violations.clear(); // a connect could not count while they were gone
         assert_eq!(report.frontends.len(), 1, "{:?}", report.frontends);
         assert_eq!(report.frontends[0].0, frontend(99));
         assert_eq!(report.apply.removed, 1, "the stray entry goes first");
-        assert_eq!(report.entries.len(), 4, "{:?}", report.entries);
+        assert_eq!(report.entries.len(), 6, "{:?}", report.entries);
+        for what in [
+            "removed the counters of service id 70, which no entry has".to_owned(),
+            format!("created the missing counters of service id {id}, at zero"),
+        ] {
+            assert!(report.entries.contains(&what), "{:?}", report.entries);
+        }
         assert!(
             report
                 .entries

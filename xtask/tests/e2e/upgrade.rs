@@ -5,7 +5,7 @@
 //!
 //! The versions: the last commit before versioned map layouts (layout 1, pinned where version 1's
 //! are, and no notion of versions: it attaches its programs before its first sync); the last
-//! commit of layout 1 with versioned layouts; this tree (layout 2: session affinity); and this
+//! commit of layout 2 (session affinity); this tree (layout 3: per-frontend counters); and this
 //! tree built with `layout-test` (the next layout).
 
 use std::{path::Path, thread, time::Duration};
@@ -21,8 +21,8 @@ use super::{HTTP, probe_web_for, testbed, web_manifest};
 /// maps where layout version 1's are pinned.
 const BEFORE_VERSIONED_LAYOUTS: &str = "2a1bec2f722afd597c66e3f834b64a89fa0028d7";
 
-/// The last commit of layout version 1, with versioned layouts (before session affinity).
-const LAST_LAYOUT_1: &str = "de84e2e80f4d3623f762a42bd33f0325aa939129";
+/// The last commit of layout version 2 (before per-frontend counters).
+const LAST_LAYOUT_2: &str = "106588085f25157e4d70a1def08679a9e8ee0d23";
 
 /// How long the clients connect: longer than the restarts take (checked).
 const WINDOW: Duration = Duration::from_secs(15);
@@ -39,13 +39,13 @@ pub fn from_before_versioned_layouts() -> anyhow::Result<()> {
     )
 }
 
-/// The last commit of layout 1, then this tree's (layout 2), then layout 1 again.
+/// The last commit of layout 2, then this tree's (layout 3), then layout 2 again.
 pub fn from_the_previous_layout_and_back() -> anyhow::Result<()> {
-    let previous = builds::agent_at_commit(LAST_LAYOUT_1)?;
+    let previous = builds::agent_at_commit(LAST_LAYOUT_2)?;
     let current = agent::default_bin();
     roll(
         &[&previous, &current, &previous],
-        pins_of(&[1, LAYOUT_VERSION, 1]),
+        pins_of(&[2, LAYOUT_VERSION, 2]),
     )
 }
 
@@ -136,12 +136,19 @@ fn roll(
         );
     }
 
-    // The maps the last agent kept equal those it writes from scratch.
-    let kept = tb.listing()?;
+    // The maps the last agent kept equal those it writes from scratch (but for the counters of
+    // the clients' connects).
+    let without_counters = |mut listing: lb_agent::list::Listing| {
+        for row in &mut listing.frontends {
+            row.counters = None;
+        }
+        listing
+    };
+    let kept = without_counters(tb.listing()?);
     tb.stop_agent()?;
     tb.agent_command(&["reset"])?;
     tb.start_agent()?;
-    let fresh = tb.listing()?;
+    let fresh = without_counters(tb.listing()?);
     ensure!(
         kept == fresh,
         "the last agent's maps differ from a fresh start's:\n{kept:#?}\nfresh:\n{fresh:#?}"

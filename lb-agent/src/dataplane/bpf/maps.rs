@@ -5,17 +5,18 @@ use std::{io::ErrorKind, path::Path};
 use anyhow::Context as _;
 use aya::{
     Ebpf, Pod,
-    maps::{HashMap, IterableMap as _, Map, MapData, MapError},
+    maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuHashMap},
 };
 use lb_common::{
     Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
-    Frontend4Key, Frontend6Key, LAYOUT_VERSION, ServiceEntry, ServiceName,
+    Frontend4Key, Frontend6Key, LAYOUT_VERSION, ServiceCounters, ServiceEntry, ServiceName,
 };
 
 use super::batch::{self, Stopped};
 use super::pins::{layout_dir, pinned_layouts};
 use super::{
-    BACKENDS_MAP, BACKENDS6_MAP, MEMBERS_MAP, MEMBERS6_MAP, NAMES_MAP, SERVICES_MAP, SERVICES6_MAP,
+    BACKENDS_MAP, BACKENDS6_MAP, COUNTERS_MAP, MEMBERS_MAP, MEMBERS6_MAP, NAMES_MAP, SERVICES_MAP,
+    SERVICES6_MAP,
 };
 use crate::dataplane::{
     MapStore, Snapshot,
@@ -35,6 +36,7 @@ pub struct BpfMaps {
     backends6: HashMap<MapData, BackendSlotKey, Backend6>,
     members6: HashMap<MapData, BackendMember6Key, BackendMember>,
     names: HashMap<MapData, u32, ServiceName>,
+    counters: PerCpuHashMap<MapData, u32, ServiceCounters>,
 }
 
 impl BpfMaps {
@@ -71,7 +73,7 @@ impl BpfMaps {
                 }
                 e => anyhow::Error::new(e).context(format!("opening {}", path.display())),
             })?;
-            Ok(Map::HashMap(data))
+            Map::from_map_data(data).with_context(|| format!("opening {}", path.display()))
         };
         Self::from_maps(open)
     }
@@ -93,7 +95,22 @@ impl BpfMaps {
             backends6: typed(get(BACKENDS6_MAP)?, BACKENDS6_MAP)?,
             members6: typed(get(MEMBERS6_MAP)?, MEMBERS6_MAP)?,
             names: typed(get(NAMES_MAP)?, NAMES_MAP)?,
+            counters: PerCpuHashMap::try_from(get(COUNTERS_MAP)?)
+                .with_context(|| layout_differs(COUNTERS_MAP))?,
         })
+    }
+
+    /// A frontend's counters (by service id), summed over the CPUs; `None` when it has none.
+    pub fn counters(&self, service_id: u32) -> anyhow::Result<Option<ServiceCounters>> {
+        match self.counters.get(&service_id, 0) {
+            Ok(per_cpu) => Ok(Some(
+                per_cpu
+                    .iter()
+                    .fold(ServiceCounters::default(), |sum, cpu| sum.add(cpu)),
+            )),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("reading {COUNTERS_MAP}"))),
+        }
     }
 
     /// One batch of writes of one op ([`MapStore::write_batch`]); needs only `&self`, so that
@@ -173,6 +190,27 @@ impl BpfMaps {
                     w => other(w),
                 })
             }
+            MapOp::PutCounters => {
+                let ids: Vec<u32> = writes
+                    .iter()
+                    .map(|w| match w {
+                        Write::PutCounters(id) => *id,
+                        w => other(w),
+                    })
+                    .collect();
+                put_zero_per_cpu(self.counters.map(), COUNTERS_MAP, &ids)
+            }
+            MapOp::DeleteCounters => delete_keys(
+                self.counters.map(),
+                COUNTERS_MAP,
+                writes
+                    .iter()
+                    .map(|w| match w {
+                        Write::DeleteCounters(id) => *id,
+                        w => other(w),
+                    })
+                    .collect(),
+            ),
             MapOp::PutMember(Family::V4) => put(&self.members, MEMBERS_MAP, writes, |w| match w {
                 Write::PutMember(id, b) => {
                     (BackendMember4Key::new(*id, &v4(b)), BackendMember::MARKER)
@@ -204,9 +242,11 @@ impl BpfMaps {
 }
 
 fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
-    HashMap::try_from(map).with_context(|| {
-        format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
-    })
+    HashMap::try_from(map).with_context(|| layout_differs(name))
+}
+
+fn layout_differs(name: &str) -> String {
+    format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
 }
 
 impl MapStore for BpfMaps {
@@ -265,6 +305,11 @@ impl MapStore for BpfMaps {
             members4: keys(&self.members, MEMBERS_MAP)?,
             members6: keys(&self.members6, MEMBERS6_MAP)?,
             names: all(&self.names, NAMES_MAP)?,
+            counters: self
+                .counters
+                .keys()
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {COUNTERS_MAP}"))?,
         })
     }
 }
@@ -297,10 +342,18 @@ fn delete<K: Pod, V: Pod>(
     writes: &[&Write],
     key: impl Fn(&Write) -> K,
 ) -> Result<(), (usize, anyhow::Error)> {
-    let keys: Vec<K> = writes.iter().map(|w| key(w)).collect();
+    delete_keys(map.map(), name, writes.iter().map(|w| key(w)).collect())
+}
+
+/// Deletes `keys` from `map` in batches; a key that is not there is not an error.
+fn delete_keys<K: Pod>(
+    map: &MapData,
+    name: &str,
+    keys: Vec<K>,
+) -> Result<(), (usize, anyhow::Error)> {
     let mut start = 0;
     while start < keys.len() {
-        match batch::delete(map.map(), &keys[start..]) {
+        match batch::delete(map, &keys[start..]) {
             Ok(()) => break,
             Err(Stopped { done, error }) if error.kind() == ErrorKind::NotFound => {
                 start += done + 1;
@@ -312,4 +365,18 @@ fn delete<K: Pod, V: Pod>(
         }
     }
     Ok(())
+}
+
+/// Writes zeroed per-CPU values under `keys` of a per-CPU map of [`ServiceCounters`].
+fn put_zero_per_cpu(map: &MapData, name: &str, keys: &[u32]) -> Result<(), (usize, anyhow::Error)> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(what, error)| (0, anyhow::Error::new(error).context(what)))?;
+    let zeros = vec![ServiceCounters::default(); keys.len() * cpus];
+    batch::update_per_cpu(map, keys, cpus, &zeros).map_err(|Stopped { done, error }| {
+        let error = match error.raw_os_error() {
+            Some(libc::E2BIG) => full(name),
+            _ => anyhow::Error::new(error).context(format!("writing map {name}")),
+        };
+        (done, error)
+    })
 }

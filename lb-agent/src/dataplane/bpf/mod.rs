@@ -21,6 +21,8 @@ pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
 pub const MEMBERS_MAP: &str = "LB4_MEMBERS";
 pub const MEMBERS6_MAP: &str = "LB6_MEMBERS";
 pub const NAMES_MAP: &str = "LB_SVC_NAMES";
+/// Per frontend, per CPU: what the programs did (see lb-common's `ServiceCounters`).
+pub const COUNTERS_MAP: &str = "LB_COUNTERS";
 /// The per-socket LRU maps the programs write themselves (see lb-common).
 pub const SOCKET_MAPS: [&str; 4] = [
     "LB4_REVERSE",
@@ -74,7 +76,7 @@ impl Program {
 }
 
 /// The maps the agent writes, each pinned under its own name.
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 8] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     MEMBERS_MAP,
@@ -82,6 +84,7 @@ const MAPS: [&str; 7] = [
     BACKENDS6_MAP,
     MEMBERS6_MAP,
     NAMES_MAP,
+    COUNTERS_MAP,
 ];
 
 /// The links' pins (and their staging names), which `reset` removes first: detaching stops the

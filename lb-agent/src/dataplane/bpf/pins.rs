@@ -38,8 +38,8 @@ use aya::{
 use lb_common::{
     Affinity4, Affinity6, AffinityKey, Backend4, Backend6, BackendMember, BackendMember4Key,
     BackendMember6Key, BackendSlotKey, Frontend4Key, Frontend6Key, LAYOUT_VERSION, Reverse4Key,
-    Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceEntry, ServiceName, SockBackend4, SockBackend6,
-    SockFrontend4Key, SockFrontend6Key,
+    Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceCounters, ServiceEntry, ServiceName,
+    SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key,
 };
 use nix::{
     mount::{MsFlags, mount},
@@ -48,8 +48,9 @@ use nix::{
 use tracing::{debug, info, warn};
 
 use super::{
-    AFFINITY_MAPS, BACKENDS_MAP, BACKENDS6_MAP, BpfMaps, MAPS, MEMBERS_MAP, MEMBERS6_MAP,
-    NAMES_MAP, PROGRAMS, Program, SERVICES_MAP, SERVICES6_MAP, SOCKET_MAPS, link_pin_names,
+    AFFINITY_MAPS, BACKENDS_MAP, BACKENDS6_MAP, BpfMaps, COUNTERS_MAP, MAPS, MEMBERS_MAP,
+    MEMBERS6_MAP, NAMES_MAP, PROGRAMS, Program, SERVICES_MAP, SERVICES6_MAP, SOCKET_MAPS,
+    link_pin_names,
 };
 
 /// The eBPF object, built from lb-ebpf by build.rs.
@@ -353,6 +354,7 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
         (BACKENDS6_MAP, sizes::<BackendSlotKey, Backend6>()),
         (MEMBERS6_MAP, sizes::<BackendMember6Key, BackendMember>()),
         (NAMES_MAP, sizes::<u32, ServiceName>()),
+        (COUNTERS_MAP, sizes::<u32, ServiceCounters>()),
     ];
     for (name, (key_size, value_size)) in expected {
         let path = pin_dir.join(name);
