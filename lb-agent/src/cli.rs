@@ -74,6 +74,13 @@ pub struct RunArgs {
     /// memory per entry and map.
     #[arg(long, default_value_t = lb_common::DEFAULT_AFFINITY_MAP_ENTRIES, value_name = "N")]
     pub affinity_map_entries: u32,
+    /// End the sockets lb translated to a backend when it leaves the Service's set (it became
+    /// not ready, or was removed), so that their applications connect again, to a live backend:
+    /// TCP and connected UDP, in every network namespace of the cgroup (Linux >= 6.5). With
+    /// false, such sockets stay connected until their applications close them, as with
+    /// kube-proxy.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub destroy_sockets: bool,
     /// How often the pinned maps are compared with the wanted state: an entry changed or deleted
     /// behind the agent's back (with bpftool, say) is repaired within one interval, and
     /// frontends that failed to program are retried.

@@ -8,8 +8,8 @@
 //! output of agents older than versioned layouts), `service.port` is the Service port's name (""
 //! when unnamed), `protocol` is TCP, UDP or SCTP, backends are in slot order, and `counters` are
 //! what the programs counted for the frontend since it was programmed (lb-common's
-//! `ServiceCounters`; absent from the output of agents older than layout version 3, or while
-//! the frontend is being added). The table ends with a line naming the layout version.
+//! `ServiceCounters`; absent from the output of agents older than layout version 3). The table
+//! ends with a line naming the layout version.
 
 use std::{io::Write as _, path::Path};
 
@@ -92,7 +92,7 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<()> {
     let rows: Vec<(FrontendView, Option<CountersJson>)> = view(&maps.snapshot()?)
         .into_iter()
         .map(|row| {
-            let counters = maps.counters(row.service_id)?.map(CountersJson::from);
+            let counters = Some(maps.counters(row.service_id)?.into());
             anyhow::Ok((row, counters))
         })
         .collect::<Result<_, _>>()?;

@@ -271,6 +271,7 @@ mod tests {
             updated: 1,
             removed: 0,
             failed: vec![(frontend, "map LB4_SERVICES is full".into())],
+            departed: vec![],
         });
         metrics.apply(&ApplyReport {
             added: 1,

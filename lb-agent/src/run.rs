@@ -23,7 +23,11 @@ use tracing::{debug, info, level_filters::LevelFilter, warn};
 
 use crate::{
     RunArgs, cgroup,
-    dataplane::{ApplyReport, Dataplane, MapStore, bpf, reconcile::Reconciler},
+    dataplane::{
+        ApplyReport, Dataplane, MapStore,
+        bpf::{self, Ended, Terminator},
+        reconcile::Reconciler,
+    },
     health::{self, Health},
     metrics::{Metrics, SyncPhases},
     model::{Cluster, NodeContext},
@@ -109,7 +113,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         socket: args.socket_map_entries,
         affinity: args.affinity_map_entries,
     };
-    let loaded = bpf::load(&args.pin_dir, &cgroup, ebpf_level, lru)?;
+    let loaded = bpf::load(
+        &args.pin_dir,
+        &cgroup,
+        ebpf_level,
+        lru,
+        args.destroy_sockets,
+    )?;
     relay_ebpf_logs(loaded.logger)?;
     let attach = loaded.attach;
     let dataplane = Dataplane::adopt(loaded.maps)?;
@@ -194,7 +204,7 @@ fn relay_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow
 /// compared with the wanted state and repaired.
 async fn reconcile<S: MapStore>(
     feed: Feed,
-    datapath: Datapath<S, impl FnOnce() -> anyhow::Result<()>>,
+    datapath: Datapath<S, impl FnOnce() -> anyhow::Result<Option<Terminator>>>,
     node: NodeContext,
     health: &Health,
     metrics: &Metrics,
@@ -206,6 +216,8 @@ async fn reconcile<S: MapStore>(
         attach,
     } = datapath;
     let mut attach = Some(attach);
+    // Ends sockets to removed backends, once the programs are attached (and when that is on).
+    let mut terminator: Option<Terminator> = None;
     let Feed {
         batches: mut rx,
         origins,
@@ -287,12 +299,13 @@ async fn reconcile<S: MapStore>(
                 metrics.sync(timings, SystemTime::now());
                 metrics.apply(&report);
                 metrics.reconciler(&reconciler);
+                end_sockets(terminator.as_mut(), &report);
                 let frontends = reconciler.dataplane().len();
                 log_report(&report, frontends, events, sync.services, timings);
                 if !programmed {
                     programmed = true;
                     if let Some(attach) = attach.take() {
-                        attach().context(
+                        terminator = attach().context(
                             "attaching the programs; the ones attached before keep translating",
                         )?;
                     }
@@ -310,6 +323,7 @@ async fn reconcile<S: MapStore>(
                 let started = Instant::now();
                 if let Some(report) = reconciler.retry(&cluster, Instant::now()) {
                     metrics.apply(&report);
+                    end_sockets(terminator.as_mut(), &report);
                     metrics.reconciler(&reconciler);
                     if report.changed() {
                         let timings = SyncPhases { apply: started.elapsed(), ..Default::default() };
@@ -324,6 +338,7 @@ async fn reconcile<S: MapStore>(
                 release_freed_memory();
                 if let Ok(report) = &resynced {
                     metrics.apply(&report.apply);
+                    end_sockets(terminator.as_mut(), &report.apply);
                     metrics.drift_repaired(report.frontends.len() + report.entries.len());
                 }
                 metrics.reconciler(&reconciler);
@@ -340,6 +355,40 @@ async fn reconcile<S: MapStore>(
                 }
             }
         }
+    }
+}
+
+/// Ends the sockets translated to the backends that left a frontend in `report`, if the
+/// terminator is on; a failure is logged (the sockets stay connected, as without it).
+fn end_sockets(terminator: Option<&mut Terminator>, report: &ApplyReport) {
+    let Some(terminator) = terminator else {
+        return;
+    };
+    if report.departed.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    match terminator.end_sockets(&report.departed) {
+        Ok(Ended {
+            sockets,
+            namespaces,
+        }) if sockets > 0 => info!(
+            sockets,
+            backends = report.departed.len(),
+            namespaces,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "ended the sockets translated to backends that left their Service"
+        ),
+        Ok(Ended { namespaces, .. }) => debug!(
+            backends = report.departed.len(),
+            namespaces,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "no socket was translated to the backends that left their Service"
+        ),
+        Err(e) => warn!(
+            "ending the sockets translated to backends that left their Service: {e:#}; they stay \
+             connected"
+        ),
     }
 }
 
@@ -428,7 +477,7 @@ mod tests {
                 let attach = || {
                     let previous = writes_at_attach.swap(writes.load(Relaxed), Relaxed);
                     assert_eq!(previous, usize::MAX, "attached twice");
-                    Ok(())
+                    Ok(None)
                 };
                 reconcile(
                     Feed {

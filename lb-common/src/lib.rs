@@ -71,7 +71,8 @@
 ///
 /// - 1: the maps as they were before versions existed.
 /// - 2: [`ServiceEntry::affinity_timeout_s`] (session affinity) and the `*_AFFINITY` maps.
-/// - 3: the per-frontend counters, `LB_COUNTERS` ([`ServiceCounters`]).
+/// - 3: the per-frontend counters, `LB_COUNTERS` ([`ServiceCounters`]), and the
+///   `*_TERMINATE` maps (ending sockets to removed backends).
 pub const LAYOUT_VERSION: u32 = if cfg!(feature = "layout-test") { 4 } else { 3 };
 
 /// Capacity of the service (frontend) maps. A frontend is one ClusterIP × port × protocol.
@@ -293,6 +294,34 @@ pub struct ServiceAddr6 {
     pub _pad: u16,
 }
 
+/// Key of `LB4_TERMINATE`: a backend that left a frontend's set, and that frontend. The agent
+/// fills the map just before it runs the socket iterator programs, which end each socket
+/// connected to `backend` with `protocol` that lb translated from `frontend` (its `LB4_REVERSE`
+/// entry says so), and empties it after. The value is the frontend's service id, whose
+/// `sockets_destroyed` counter goes up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Terminate4Key {
+    pub backend: Backend4,
+    pub frontend: ServiceAddr4,
+    /// IANA protocol number ([`protocol`]).
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Key of `LB6_TERMINATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Terminate6Key {
+    pub backend: Backend6,
+    pub frontend: ServiceAddr6,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Capacity of each `*_TERMINATE` map: the departures of one sync; more are ended in rounds.
+pub const MAX_TERMINATIONS: u32 = 65_536;
+
 /// Key of `LB4_SOCK_BACKEND`: an unconnected socket sending to a frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -503,6 +532,8 @@ mod user {
     unsafe impl aya::Pod for Affinity4 {}
     unsafe impl aya::Pod for Affinity6 {}
     unsafe impl aya::Pod for ServiceCounters {}
+    unsafe impl aya::Pod for Terminate4Key {}
+    unsafe impl aya::Pod for Terminate6Key {}
 }
 
 #[cfg(test)]
@@ -554,6 +585,16 @@ mod tests {
         assert_eq!(offset_of!(ServiceCounters, datagrams), 16);
         assert_eq!(offset_of!(ServiceCounters, affinity_hits), 24);
         assert_eq!(offset_of!(ServiceCounters, sockets_destroyed), 32);
+    }
+
+    #[test]
+    fn terminate_layouts() {
+        assert_eq!(size_of::<Terminate4Key>(), 18);
+        assert_eq!(offset_of!(Terminate4Key, frontend), 8);
+        assert_eq!(offset_of!(Terminate4Key, protocol), 16);
+        assert_eq!(size_of::<Terminate6Key>(), 42);
+        assert_eq!(offset_of!(Terminate6Key, frontend), 20);
+        assert_eq!(offset_of!(Terminate6Key, protocol), 40);
     }
 
     #[test]

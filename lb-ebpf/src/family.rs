@@ -2,7 +2,7 @@
 //! so each program's logic is written once.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_NO_PREALLOC},
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     btf_maps::{HashMap, LruHashMap, PerCpuHashMap},
     macros::btf_map,
     programs::SockAddrContext,
@@ -10,13 +10,16 @@ use aya_ebpf::{
 use lb_common::{
     Affinity4, Affinity6, AffinityKey, Backend4, Backend6, BackendMember, BackendMember4Key,
     BackendMember6Key, BackendSlotKey, DEFAULT_AFFINITY_MAP_ENTRIES, DEFAULT_SOCKET_MAP_ENTRIES,
-    Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, Reverse4Key,
-    Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceCounters, ServiceEntry, ServiceName,
-    SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key,
+    Frontend4Key, Frontend6Key, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, MAX_TERMINATIONS,
+    Reverse4Key, Reverse6Key, ServiceAddr4, ServiceAddr6, ServiceCounters, ServiceEntry,
+    ServiceName, SockBackend4, SockBackend6, SockFrontend4Key, SockFrontend6Key, Terminate4Key,
+    Terminate6Key,
 };
 
 const SOCKET_MAP_ENTRIES: usize = DEFAULT_SOCKET_MAP_ENTRIES as usize;
 const AFFINITY_MAP_ENTRIES: usize = DEFAULT_AFFINITY_MAP_ENTRIES as usize;
+/// Maps whose entries are allocated when written, not all at creation.
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 #[btf_map]
 static LB4_SERVICES: HashMap<Frontend4Key, ServiceEntry, { MAX_SERVICES as usize }> =
@@ -47,15 +50,15 @@ static LB6_MEMBERS: HashMap<BackendMember6Key, BackendMember, { MAX_BACKEND_SLOT
 #[btf_map]
 static LB_SVC_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }> = HashMap::new();
 
-/// Per frontend (service id), per CPU. Allocated only for the frontends that exist (the agent
-/// creates each entry): preallocated, it would take `MAX_FRONTENDS` × CPUs × 40 bytes.
+/// Per frontend (service id), per CPU. An entry is created by the frontend's first count, so
+/// that only frontends with traffic take memory (preallocated, the map would take
+/// `MAX_FRONTENDS` × CPUs × 40 bytes), and the agent never pays for creating them (a per-CPU
+/// allocation takes tens of microseconds: a cold start's 10 000 would take a quarter of a
+/// second). The agent deletes a frontend's entry with the frontend, and any its resync finds of
+/// a frontend that is gone (a connect racing a removal can create one).
 #[btf_map]
-static LB_COUNTERS: PerCpuHashMap<
-    u32,
-    ServiceCounters,
-    { MAX_FRONTENDS as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = PerCpuHashMap::new();
+static LB_COUNTERS: PerCpuHashMap<u32, ServiceCounters, { MAX_FRONTENDS as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
 
 /// One of a frontend's [`ServiceCounters`].
 #[derive(Clone, Copy)]
@@ -64,24 +67,55 @@ pub enum Counter {
     Refused,
     Datagram,
     AffinityHit,
+    SocketDestroyed,
 }
 
-/// Adds one to a frontend's counter (this CPU's copy: programs of one CPU never run at once).
+impl Counter {
+    #[inline(always)]
+    fn of(self, counters: &mut ServiceCounters) -> &mut u64 {
+        match self {
+            Counter::Connect => &mut counters.connects,
+            Counter::Refused => &mut counters.refused,
+            Counter::Datagram => &mut counters.datagrams,
+            Counter::AffinityHit => &mut counters.affinity_hits,
+            Counter::SocketDestroyed => &mut counters.sockets_destroyed,
+        }
+    }
+}
+
+/// Adds one to a frontend's counter (this CPU's copy: programs of one CPU never run at once),
+/// creating the frontend's counters at its first count.
 #[inline(always)]
 pub fn count(service_id: u32, counter: Counter) {
-    let Some(counters) = LB_COUNTERS.get_ptr_mut(service_id) else {
-        return; // the frontend is being added or removed
-    };
-    // SAFETY: a per-CPU value of an existing entry, written only by this CPU's programs.
-    let counters = unsafe { &mut *counters };
-    let field = match counter {
-        Counter::Connect => &mut counters.connects,
-        Counter::Refused => &mut counters.refused,
-        Counter::Datagram => &mut counters.datagrams,
-        Counter::AffinityHit => &mut counters.affinity_hits,
-    };
-    *field += 1;
+    if let Some(counters) = LB_COUNTERS.get_ptr_mut(service_id) {
+        // SAFETY: this CPU's value of an existing entry, written only by this CPU's programs.
+        *counter.of(unsafe { &mut *counters }) += 1;
+        return;
+    }
+    // The first count: this CPU's value is this one, the others' zero. If another CPU created
+    // the entry meanwhile, the insert fails and the count goes to the entry it made.
+    let mut first = ServiceCounters::default();
+    *counter.of(&mut first) = 1;
+    if LB_COUNTERS
+        .insert(service_id, first, u64::from(BPF_NOEXIST))
+        .is_err()
+        && let Some(counters) = LB_COUNTERS.get_ptr_mut(service_id)
+    {
+        // SAFETY: as above.
+        *counter.of(unsafe { &mut *counters }) += 1;
+    }
 }
+
+// The backends whose sockets the agent is ending, with the frontend they left (see
+// lb-common's `Terminate4Key`): filled and emptied by the agent around each run of the socket
+// iterators, so allocated only then.
+const TERMINATIONS: usize = MAX_TERMINATIONS as usize;
+
+#[btf_map]
+static LB4_TERMINATE: HashMap<Terminate4Key, u32, TERMINATIONS, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+static LB6_TERMINATE: HashMap<Terminate6Key, u32, TERMINATIONS, NO_PREALLOC> = HashMap::new();
 
 // The per-socket maps: LRU, so they can never fill up (the agent sizes them at load time).
 #[btf_map]
@@ -141,6 +175,14 @@ pub trait Family {
     /// The frontend this socket's `address:port` stands for, if it is a backend it was
     /// translated to.
     fn reverse(cookie: u64, address: Self::Addr, port: u16) -> Option<(Self::Addr, u16)>;
+
+    /// The service id of `frontend` when the agent is ending the sockets it translated to
+    /// `backend` (with `protocol`).
+    fn terminating(
+        backend: (Self::Addr, u16),
+        frontend: (Self::Addr, u16),
+        protocol: u8,
+    ) -> Option<u32>;
 }
 
 pub struct Inet;
@@ -258,6 +300,30 @@ impl Family for Inet {
         };
         // SAFETY: as above.
         unsafe { LB4_REVERSE.get(&key) }.map(|v| (v.address, v.port))
+    }
+
+    #[inline(always)]
+    fn terminating(
+        (backend, backend_port): ([u8; 4], u16),
+        (frontend, frontend_port): ([u8; 4], u16),
+        protocol: u8,
+    ) -> Option<u32> {
+        let key = Terminate4Key {
+            backend: Backend4 {
+                address: backend,
+                port: backend_port,
+                _pad: 0,
+            },
+            frontend: ServiceAddr4 {
+                address: frontend,
+                port: frontend_port,
+                _pad: 0,
+            },
+            protocol,
+            _pad: 0,
+        };
+        // SAFETY: as above.
+        unsafe { LB4_TERMINATE.get(&key) }.copied()
     }
 }
 
@@ -392,6 +458,30 @@ impl Family for Inet6 {
         };
         // SAFETY: as above.
         unsafe { LB6_REVERSE.get(&key) }.map(|v| (v.address, v.port))
+    }
+
+    #[inline(always)]
+    fn terminating(
+        (backend, backend_port): ([u8; 16], u16),
+        (frontend, frontend_port): ([u8; 16], u16),
+        protocol: u8,
+    ) -> Option<u32> {
+        let key = Terminate6Key {
+            backend: Backend6 {
+                address: backend,
+                port: backend_port,
+                _pad: 0,
+            },
+            frontend: ServiceAddr6 {
+                address: frontend,
+                port: frontend_port,
+                _pad: 0,
+            },
+            protocol,
+            _pad: 0,
+        };
+        // SAFETY: as above.
+        unsafe { LB6_TERMINATE.get(&key) }.copied()
     }
 }
 

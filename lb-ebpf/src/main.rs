@@ -6,7 +6,9 @@
 //! - `sendmsg4`/`sendmsg6`: unconnected UDP (`sendto`/`sendmsg`), per datagram, with the backend
 //!   kept per socket and frontend;
 //! - `recvmsg4`/`recvmsg6`: replies to a translated datagram show the frontend as their source;
-//! - `getpeername4`/`getpeername6`: a translated socket reports the frontend as its peer.
+//! - `getpeername4`/`getpeername6`: a translated socket reports the frontend as its peer;
+//! - `lb_end_tcp`/`lb_end_udp` (socket iterators the agent runs, not cgroup hooks): sockets
+//!   translated to a backend that left the set are ended ([`terminate`]).
 //!
 //! A frontend with session affinity (`sessionAffinity: ClientIP`) sends each client, identified by
 //! its network namespace, to the backend it got last time, while that backend is in the set and
@@ -22,6 +24,7 @@
 #![no_main]
 
 mod family;
+mod terminate;
 
 use aya_ebpf::{
     helpers::generated::{

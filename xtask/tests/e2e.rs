@@ -57,6 +57,8 @@ mod counters;
 mod dns;
 #[path = "e2e/sockets.rs"]
 mod sockets;
+#[path = "e2e/termination.rs"]
+mod termination;
 #[path = "e2e/upgrade.rs"]
 mod upgrade;
 
@@ -172,6 +174,14 @@ fn main() {
         (
             "per_frontend_counters_count_each_connect_datagram_refusal_and_affinity_hit_and_survive_a_restart",
             counters::per_frontend,
+        ),
+        (
+            "sockets_through_a_service_to_a_removed_backend_are_ended_within_1s_and_reconnect_to_a_live_one",
+            termination::ended_and_reconnected,
+        ),
+        (
+            "with_destroy_sockets_false_sockets_to_a_removed_backend_keep_talking_to_it",
+            termination::kept_when_disabled,
         ),
         (
             "upgrade_from_an_agent_before_versioned_layouts_fails_no_connect",

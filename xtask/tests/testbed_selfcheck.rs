@@ -245,6 +245,7 @@ fn dns_testbed() -> anyhow::Result<(Testbed, PodSpec)> {
         name: "dns".into(),
         ip: DNS_POD_IP,
         tcp_ports: vec![],
+        line_ports: vec![],
         udp_ports: vec![],
         echo_ports: vec![],
     };

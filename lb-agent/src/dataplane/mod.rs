@@ -171,6 +171,17 @@ pub struct ApplyReport {
     pub removed: usize,
     /// Frontends left as they were, and why.
     pub failed: Vec<(Frontend, String)>,
+    /// Backends that left the set of a frontend that stays: the sockets lb translated to them
+    /// through it are to be ended.
+    pub departed: Vec<Departure>,
+}
+
+/// A backend that left a frontend's set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Departure {
+    pub frontend: FrontendKey,
+    pub service_id: u32,
+    pub backend: BackendAddr,
 }
 
 /// What one [`Dataplane::resync`] found in the maps and repaired.
@@ -260,6 +271,21 @@ impl<S: MapStore> Dataplane<S> {
                 ChangeKind::Added => report.added += 1,
                 ChangeKind::Updated => report.updated += 1,
                 ChangeKind::Removed => report.removed += 1,
+            }
+            if let (Some(before), Some(after)) =
+                (self.programmed.get(&change.frontend), &change.after)
+            {
+                let staying: BTreeSet<&BackendAddr> = after.slots.iter().flatten().collect();
+                let departed = before
+                    .slots
+                    .iter()
+                    .flatten()
+                    .filter(|b| !staying.contains(b));
+                report.departed.extend(departed.map(|backend| Departure {
+                    frontend: change.frontend,
+                    service_id: after.service_id,
+                    backend: *backend,
+                }));
             }
             match change.after {
                 Some(after) if empty => fresh.push((change.frontend, after)),
@@ -440,8 +466,8 @@ impl<S: MapStore> Dataplane<S> {
 }
 
 /// The writes that remove slots, members, names and counters no service entry of `programmed`
-/// reaches, then add the counters missing for a service id in use and the member entries missing
-/// for backends in a slot below a count; each with what it repairs.
+/// reaches, then add the member entries missing for backends in a slot below a count; each with
+/// what it repairs.
 fn housekeeping(snapshot: &Snapshot, programmed: &Programmed) -> Vec<(Write, String)> {
     let reachable: BTreeMap<(Family, u32), usize> = programmed
         .iter()
@@ -489,13 +515,6 @@ fn housekeeping(snapshot: &Snapshot, programmed: &Programmed) -> Vec<(Write, Str
         writes.push((
             Write::DeleteCounters(*id),
             format!("removed the counters of service id {id}, which no entry has"),
-        ));
-    }
-    let counted: BTreeSet<u32> = snapshot.counters.iter().copied().collect();
-    for id in ids.difference(&counted) {
-        writes.push((
-            Write::PutCounters(*id),
-            format!("created the missing counters of service id {id}, at zero"),
         ));
     }
     for (id, b) in members.difference(&present) {

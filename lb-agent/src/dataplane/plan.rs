@@ -9,9 +9,8 @@
 //! and so that every backend reachable through a slot below the count has its member entry, each
 //! frontend's writes go:
 //!
-//! - **added**: name, counters (at zero), the members of its backends and backend slots `0..n`
-//!   (in any order: none is reachable yet), then the service entry (count `n`) that makes them
-//!   reachable;
+//! - **added**: name, the members of its backends and backend slots `0..n` (in any order:
+//!   none is reachable yet), then the service entry (count `n`) that makes them reachable;
 //! - **updated**: the members of joining backends, then the changed slots below the new count,
 //!   then the entry with the new count, then the slots at or above the new count (now
 //!   unreachable) are deleted, then the members of departed backends (now in no slot below the
@@ -122,8 +121,8 @@ pub enum Write {
     DeleteBackend(Family, BackendSlotKey),
     DeleteMember(u32, BackendAddr),
     DeleteName(u32),
-    /// Creates a frontend's counters (by service id), at zero.
-    PutCounters(u32),
+    /// Deletes a frontend's counters (by service id), which the programs created at its first
+    /// translation.
     DeleteCounters(u32),
 }
 
@@ -139,7 +138,6 @@ pub enum MapOp {
     DeleteService(Family),
     PutMember(Family),
     DeleteMember(Family),
-    PutCounters,
     DeleteCounters,
 }
 
@@ -154,7 +152,6 @@ impl Write {
             Write::DeleteService(k) => MapOp::DeleteService(k.family()),
             Write::PutMember(_, b) => MapOp::PutMember(b.family()),
             Write::DeleteMember(_, b) => MapOp::DeleteMember(b.family()),
-            Write::PutCounters(_) => MapOp::PutCounters,
             Write::DeleteCounters(_) => MapOp::DeleteCounters,
         }
     }
@@ -243,10 +240,7 @@ pub fn plan(programmed: &Programmed, wanted: &Wanted, scope: Scope) -> Vec<Front
 
 fn add(frontend: FrontendKey, want: &WantedFrontend, service_id: u32) -> FrontendChange {
     let slots: Vec<BackendAddr> = want.backends.iter().copied().collect();
-    let mut writes = vec![
-        Write::PutName(service_id, Box::new(want.name)),
-        Write::PutCounters(service_id),
-    ];
+    let mut writes = vec![Write::PutName(service_id, Box::new(want.name))];
     writes.extend(slots.iter().map(|b| Write::PutMember(service_id, *b)));
     writes.extend(
         slots
@@ -552,7 +546,6 @@ mod tests {
             only_writes(&changes),
             [
                 Write::PutName(1, Box::new(name())),
-                Write::PutCounters(1),
                 Write::PutMember(1, b(1)),
                 Write::PutMember(1, b(2)),
                 Write::PutBackend(

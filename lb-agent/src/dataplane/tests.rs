@@ -20,7 +20,8 @@ struct MemStore {
     /// (service id, backend); the backend's family says which member map.
     members: BTreeSet<(u32, BackendAddr)>,
     names: BTreeMap<u32, ServiceName>,
-    /// A frontend's counters (one number stands for them all), by service id.
+    /// A frontend's counters (one number stands for them all), by service id: created by the
+    /// programs (here, the tests) at the frontend's first translation.
     counters: BTreeMap<u32, u64>,
     writes: usize,
     /// Every write, in order.
@@ -61,7 +62,6 @@ impl MapStore for MemStore {
             Write::DeleteName(id) => drop(self.names.remove(id)),
             Write::PutMember(id, b) => drop(self.members.insert((*id, *b))),
             Write::DeleteMember(id, b) => drop(self.members.remove(&(*id, *b))),
-            Write::PutCounters(id) => drop(self.counters.insert(*id, 0)),
             Write::DeleteCounters(id) => drop(self.counters.remove(id)),
         }
         self.writes += 1;
@@ -108,10 +108,6 @@ fn port(key: &FrontendKey) -> u16 {
 impl MemStore {
     fn check_connect_view(&mut self) {
         for (frontend, entry) in &self.services {
-            if !self.counters.contains_key(&entry.service_id) {
-                let port = port(frontend);
-                self.violations.push(format!("port {port}: no counters"));
-            }
             for slot in 0..u32::from(entry.backend_count) {
                 let key = BackendSlotKey {
                     service_id: entry.service_id,
@@ -323,13 +319,12 @@ fn a_cold_start_is_two_steps_and_a_failing_frontend_stops_only_itself() {
             PutName,
             PutBackend(Family::V4),
             PutMember(Family::V4),
-            PutCounters,
             PutService(Family::V4),
             PutService(Family::V4)
         ]
     );
     assert_eq!(dp.store.batches[2].1, 500);
-    assert_eq!(dp.store.batches[3].1, 50);
+
     assert_eq!(dp.store.services.len(), 49);
     assert_eq!(dp.store.violations, Vec::<String>::new());
 }
@@ -340,7 +335,7 @@ fn counters_live_as_long_as_their_frontend_and_a_new_frontend_starts_at_zero() {
     step(&mut dp, &[(80, &[1, 2]), (81, &[3])]);
     let id = dp.store.id(80);
     // What the programs counted so far.
-    *dp.store.counters.get_mut(&id).unwrap() = 7;
+    dp.store.counters.insert(id, 7);
     step(&mut dp, &[(80, &[2, 4, 5]), (81, &[3])]);
     assert_eq!(dp.store.counters[&id], 7, "an update keeps the counters");
     step(&mut dp, &[(81, &[3])]);
@@ -349,8 +344,30 @@ fn counters_live_as_long_as_their_frontend_and_a_new_frontend_starts_at_zero() {
         "removed with the frontend"
     );
     step(&mut dp, &[(80, &[1]), (81, &[3])]);
-    assert_eq!(dp.store.counters[&dp.store.id(80)], 0);
-    assert_eq!(dp.store.counters.len(), 2);
+    assert_eq!(dp.store.id(80), id, "the id is used again");
+    assert!(dp.store.counters.is_empty(), "none until a translation");
+}
+
+#[test]
+fn backends_that_leave_a_frontend_that_stays_are_reported_as_departed() {
+    let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
+    let r = step(&mut dp, &[(80, &[1, 2, 3]), (81, &[4])]);
+    assert_eq!(r.departed, [], "additions depart nothing");
+    let id = dp.store.id(80);
+    let r = step(&mut dp, &[(80, &[2, 5]), (81, &[4])]);
+    let departed: Vec<(FrontendKey, u32, BackendAddr)> = r
+        .departed
+        .iter()
+        .map(|d| (d.frontend, d.service_id, d.backend))
+        .collect();
+    let key = frontend_key(&frontend(80));
+    assert_eq!(departed, [(key, id, backend4(1)), (key, id, backend4(3))]);
+    let r = step(&mut dp, &[(80, &[2, 5])]);
+    assert_eq!(
+        r.departed,
+        [],
+        "a removed frontend's sockets stay: its Pods still serve them"
+    );
 }
 
 #[test]
@@ -656,9 +673,9 @@ fn applying_changes_touches_only_those_frontends_and_never_reuses_an_id() {
         unique.len(),
         "two frontends share a service id: {ids:?}"
     );
-    // 80: member, slot, member; 81: entry, slot, member, name, counters; 83: name, counters,
-    // member, slot, entry.
-    assert_eq!(dp.store.writes - writes, 13);
+    // 80: member, slot, member; 81: entry, slot, member, name, counters; 83: name, member, slot,
+    // entry.
+    assert_eq!(dp.store.writes - writes, 12);
     dp.store.assert_members_match_slots();
 }
 
@@ -705,8 +722,10 @@ mod reconciler {
         assert_eq!(s.backends.len(), slots, "no stray slot");
         assert_eq!(s.names.len(), frontends.len(), "no stray name");
         let ids: BTreeSet<u32> = s.services.values().map(|e| e.service_id).collect();
-        let counted: BTreeSet<u32> = s.counters.keys().copied().collect();
-        assert_eq!(counted, ids, "counters for exactly the frontends");
+        assert!(
+            s.counters.keys().all(|id| ids.contains(id)),
+            "no counters of a frontend that is gone"
+        );
         s.assert_members_match_slots();
         report
     }
@@ -834,7 +853,6 @@ mod reconciler {
             .iter()
             .map(|w| match w {
                 Write::PutName(..) => "name",
-                Write::PutCounters(..) => "counters",
                 Write::PutMember(..) => "member",
                 Write::PutBackend(..) => "slot",
                 Write::PutService(..) => "entry",
@@ -847,11 +865,10 @@ mod reconciler {
         assert_eq!(
             (before.as_slice(), last),
             (
-                ["counters", "member", "member", "name", "slot", "slot"].as_slice(),
+                ["member", "member", "name", "slot", "slot"].as_slice(),
                 ["entry"].as_slice()
             ),
-            "name, counters, members and slots (in any order), then the entry that makes them \
-             reachable"
+            "name, members and slots (in any order), then the entry that makes them reachable"
         );
         store(&mut r).violations.clear();
     }
@@ -870,21 +887,22 @@ mod reconciler {
         s.members.insert((77, backend4(8)));
         s.names.insert(60, ServiceName::new("x", "y", ""));
         assert!(s.members.remove(&(id, backend4(2))));
-        // Counters of no entry, and the frontend's own deleted.
+        // Counters of no entry (left by a connect that raced a removal), and the frontend's own.
         s.counters.insert(70, 3);
-        assert!(s.counters.remove(&id).is_some());
+        s.counters.insert(id, 5);
         let report = resync_to(&mut r, &[(80, &[1, 2])]);
-        store(&mut r).violations.clear(); // a connect could not count while they were gone
         assert_eq!(report.frontends.len(), 1, "{:?}", report.frontends);
         assert_eq!(report.frontends[0].0, frontend(99));
         assert_eq!(report.apply.removed, 1, "the stray entry goes first");
-        assert_eq!(report.entries.len(), 6, "{:?}", report.entries);
-        for what in [
-            "removed the counters of service id 70, which no entry has".to_owned(),
-            format!("created the missing counters of service id {id}, at zero"),
-        ] {
-            assert!(report.entries.contains(&what), "{:?}", report.entries);
-        }
+        assert_eq!(report.entries.len(), 5, "{:?}", report.entries);
+        assert!(
+            report
+                .entries
+                .contains(&"removed the counters of service id 70, which no entry has".to_owned()),
+            "{:?}",
+            report.entries
+        );
+        assert_eq!(store(&mut r).counters[&id], 5, "a frontend's own are kept");
         assert!(
             report
                 .entries

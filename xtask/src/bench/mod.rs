@@ -102,6 +102,7 @@ pub fn run(agent_bin: &Path, plan: Plan, scales: Option<Vec<usize>>) -> anyhow::
             name: format!("pod-{}", i + 1),
             ip: workload::pod_ip(i),
             tcp_ports: vec![],
+            line_ports: vec![],
             udp_ports: vec![],
             // TCP and UDP.
             echo_ports: vec![ECHO_PORT],

@@ -86,7 +86,11 @@ pub enum ServiceRoute {
 pub struct PodSpec {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Ports that answer HTTP with the name, then close.
     pub tcp_ports: Vec<u16>,
+    /// TCP ports that answer each line with the name and a newline, on the same connection for
+    /// as long as the client keeps it open.
+    pub line_ports: Vec<u16>,
     pub udp_ports: Vec<u16>,
     /// Ports that echo every byte back on TCP and every datagram back on UDP (for the
     /// benchmarks).
@@ -101,6 +105,7 @@ impl PodSpec {
                 name: format!("{prefix}-{i}"),
                 ip: Ipv4Addr::new(10, 244, 1, i),
                 tcp_ports: tcp_ports.to_vec(),
+                line_ports: vec![],
                 udp_ports: vec![],
                 echo_ports: vec![],
             })
@@ -114,6 +119,7 @@ impl PodSpec {
             name: "coredns-1".into(),
             ip,
             tcp_ports: vec![],
+            line_ports: vec![],
             udp_ports: vec![],
             echo_ports: vec![],
         }
@@ -282,6 +288,7 @@ impl Testbed {
             ns.name(),
             &pod.name,
             &pod.tcp_ports,
+            &pod.line_ports,
             &pod.udp_ports,
             &pod.echo_ports,
         )?;
@@ -305,19 +312,24 @@ impl Testbed {
         let index = self.dns_pods.len() + 1;
         let ns = Netns::create(&format!("{}-d{index}", self.id))?;
         attach(self.switch.name(), &ns, &format!("vd{index}"), spec.ip)?;
-        let servers =
-            if spec.tcp_ports.is_empty() && spec.udp_ports.is_empty() && spec.echo_ports.is_empty()
-            {
-                None
-            } else {
-                Some(PodServer::start(
-                    ns.name(),
-                    &spec.name,
-                    &spec.tcp_ports,
-                    &spec.udp_ports,
-                    &spec.echo_ports,
-                )?)
-            };
+        let ports = [
+            &spec.tcp_ports,
+            &spec.line_ports,
+            &spec.udp_ports,
+            &spec.echo_ports,
+        ];
+        let servers = if ports.iter().all(|p| p.is_empty()) {
+            None
+        } else {
+            Some(PodServer::start(
+                ns.name(),
+                &spec.name,
+                &spec.tcp_ports,
+                &spec.line_ports,
+                &spec.udp_ports,
+                &spec.echo_ports,
+            )?)
+        };
         let cgroup = match &self.dns_cgroup {
             Some((cgroup, _)) => cgroup.clone(),
             None => {
@@ -557,6 +569,7 @@ impl Testbed {
             also: Vec::new(),
             echo: false,
             udp: false,
+            hold: false,
             udp_unconnected: false,
             messages: 1,
             peer: false,

@@ -442,7 +442,7 @@ impl Kubelet {
         let server = if nginx {
             Server::Nginx(NginxServer::start(netns.name(), &name, &tcp)?)
         } else {
-            Server::Pod(PodServer::start(netns.name(), &name, &tcp, &udp, &[])?)
+            Server::Pod(PodServer::start(netns.name(), &name, &tcp, &[], &udp, &[])?)
         };
         Ok(Local {
             node,

@@ -1,9 +1,10 @@
-//! A "pod": threads inside a namespace that answer as the pod's name, over HTTP on TCP and as a
-//! datagram on UDP, and echo ports for the benchmarks (TCP and UDP). Every socket is bound to
-//! `[::]` with IPV6_V6ONLY off, so one socket serves the pod's IPv4 and IPv6 addresses alike.
+//! A "pod": threads inside a namespace that answer as the pod's name, over HTTP on TCP, line by
+//! line on a TCP connection the client keeps open, and as a datagram on UDP; and echo ports for
+//! the benchmarks (TCP and UDP). Every socket is bound to `[::]` with IPV6_V6ONLY off, so one
+//! socket serves the pod's IPv4 and IPv6 addresses alike.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
@@ -30,13 +31,15 @@ pub struct PodServer {
 
 impl PodServer {
     /// Starts listening on every port (all IPv4 and IPv6 addresses of `netns`); returns once all
-    /// are bound. `tcp_ports` answer HTTP with `name`, `udp_ports` answer each datagram with
-    /// `name` (sent back to whoever sent it), `echo_ports` echo every byte back on TCP and every
-    /// datagram back on UDP (the same port number for both).
+    /// are bound. `tcp_ports` answer HTTP with `name`, `line_ports` answer each line with `name`
+    /// and a newline on the same connection until the client closes it, `udp_ports` answer each
+    /// datagram with `name` (sent back to whoever sent it), `echo_ports` echo every byte back on
+    /// TCP and every datagram back on UDP (the same port number for both).
     pub fn start(
         netns: &str,
         name: &str,
         tcp_ports: &[u16],
+        line_ports: &[u16],
         udp_ports: &[u16],
         echo_ports: &[u16],
     ) -> anyhow::Result<Self> {
@@ -46,6 +49,7 @@ impl PodServer {
         let ports = tcp_ports
             .iter()
             .map(|&p| (p, Kind::Http))
+            .chain(line_ports.iter().map(|&p| (p, Kind::Lines)))
             .chain(udp_ports.iter().map(|&p| (p, Kind::Udp)))
             .chain(echo_ports.iter().map(|&p| (p, Kind::Echo)))
             .chain(echo_ports.iter().map(|&p| (p, Kind::UdpEcho)));
@@ -58,7 +62,9 @@ impl PodServer {
             );
             threads.push(thread::spawn(move || {
                 let bound = netns::enter(&netns).and_then(|()| match kind {
-                    Kind::Http | Kind::Echo => Ok(Socket::Tcp(dual_stack_listener(port)?)),
+                    Kind::Http | Kind::Lines | Kind::Echo => {
+                        Ok(Socket::Tcp(dual_stack_listener(port)?))
+                    }
                     Kind::Udp | Kind::UdpEcho => {
                         let socket = dual_stack_udp(port)?;
                         socket.set_read_timeout(Some(POLL))?;
@@ -76,10 +82,11 @@ impl PodServer {
                     }
                 };
                 match socket {
-                    Socket::Tcp(listener) => serve_tcp(&listener, &stop, |stream| match kind {
-                        Kind::Echo => echo(stream),
-                        _ => answer_http(stream, &name),
-                    }),
+                    Socket::Tcp(listener) => match kind {
+                        Kind::Lines => serve_lines(&listener, &stop, &name),
+                        Kind::Echo => serve_tcp(&listener, &stop, echo),
+                        _ => serve_tcp(&listener, &stop, |stream| answer_http(stream, &name)),
+                    },
                     Socket::Udp(socket) => {
                         let answer = match kind {
                             Kind::UdpEcho => None,
@@ -114,6 +121,8 @@ impl Drop for PodServer {
 #[derive(Clone, Copy)]
 enum Kind {
     Http,
+    /// A line answered per line, on connections that stay open.
+    Lines,
     Udp,
     /// TCP echo.
     Echo,
@@ -158,6 +167,48 @@ fn serve_tcp(
             let _ = handle(stream);
         }
     }
+}
+
+/// Like [`serve_tcp`], but each connection gets a thread of its own, since it stays open for as
+/// long as its client wants: one held connection must not keep the next from being answered.
+/// Returns once every connection has ended too.
+fn serve_lines(listener: &TcpListener, stop: &AtomicBool, name: &str) {
+    thread::scope(|connections| {
+        while !stop.load(Ordering::Relaxed) {
+            if !readable(listener.as_raw_fd(), POLL) {
+                continue;
+            }
+            if let Ok((stream, _)) = listener.accept() {
+                connections.spawn(move || answer_lines(stream, stop, name));
+            }
+        }
+    });
+}
+
+/// Answers each newline-terminated line with `name` and a newline, until the client closes the
+/// connection, it fails (a reset), or the server stops.
+fn answer_lines(stream: TcpStream, stop: &AtomicBool, name: &str) -> anyhow::Result<()> {
+    // Short reads, so that a connection the client keeps idle still sees the server stop.
+    stream.set_read_timeout(Some(POLL))?;
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let answer = format!("{name}\n");
+    // A line may arrive over several reads: read_until keeps what it got across a timeout.
+    let mut line = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_until(b'\n', &mut line) {
+            Ok(_) if line.ends_with(b"\n") => {
+                writer.write_all(answer.as_bytes())?;
+                line.clear();
+            }
+            // End of stream (after a last line without its newline, maybe): the client closed.
+            Ok(_) => return Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Writes back every byte until the client closes (bounded in time per read).

@@ -7,15 +7,22 @@
 //! Modes: TCP with an HTTP GET (the default), a connected UDP socket (`--udp`), an unconnected UDP
 //! socket with sendto/recvfrom (`--udp-unconnected`), and the benchmark's echo (`--echo`: TCP
 //! connect, one byte each way, close; with `--udp-unconnected`, datagrams echoed on unconnected
-//! sockets). Every mode takes IPv4 and IPv6 targets. An IPv4-mapped target (`[::ffff:10.96.0.10]:80`, see
+//! sockets), and one socket held across exchanges (`--hold`: a line at a time on TCP, or with
+//! `--udp` a datagram at a time on a connected UDP socket, reconnecting after an error). Every mode
+//! takes IPv4 and IPv6 targets. An IPv4-mapped target (`[::ffff:10.96.0.10]:80`, see
 //! [`v4_mapped`]) makes the probe use an AF_INET6 socket towards an IPv4 address, as dual-stack
 //! programs do; no flag is needed for that.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -52,6 +59,10 @@ pub struct ProbeArgs {
     /// Use a connected UDP socket instead of TCP.
     #[arg(long)]
     pub udp: bool,
+    /// Hold one socket (see [`hold`]): TCP to a pod's line port, or with --udp a connected UDP
+    /// socket; one exchange (an attempt) each --interval-ms, a new socket after any error.
+    #[arg(long, conflicts_with_all = ["udp_unconnected", "echo", "peer"])]
+    pub hold: bool,
     /// Use an unconnected UDP socket instead of TCP: sendto(target), then recvfrom, recording
     /// where the reply came from. A new socket per --count iteration.
     #[arg(long, conflicts_with = "udp")]
@@ -78,7 +89,8 @@ pub struct ProbeArgs {
 pub struct Attempt {
     /// When it started, in microseconds since the Unix epoch.
     pub at_us: u64,
-    /// How long connect() took (with --udp-unconnected: the sendto()).
+    /// How long connect() took (with --udp-unconnected: the sendto(); with --hold: 0 when the
+    /// exchange was on a socket opened before).
     pub connect_us: u64,
     /// The name of the pod that answered.
     pub answer: Option<String>,
@@ -90,7 +102,8 @@ pub struct Attempt {
     /// Where the reply came from, as recvfrom() reported it (with --udp-unconnected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
-    /// Which socket sent the datagram: 0.. in --count order (with --udp-unconnected).
+    /// Which socket made the exchange: 0.. in --count order with --udp-unconnected; with --hold,
+    /// 0.. in the order they were opened (each error ends one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<u32>,
 }
@@ -155,6 +168,9 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
             .min(MAX_DURATION);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    if args.hold {
+        return hold(args, deadline, &mut out);
+    }
     for index in 0..args.count.min(MAX_COUNT) {
         if Instant::now() >= deadline {
             break;
@@ -432,6 +448,99 @@ fn udp_unconnected(args: &ProbeArgs, index: u32, deadline: Instant) -> Vec<Attem
     attempts
 }
 
+/// `--hold`: one socket to the target, an exchange on it every --interval-ms (one attempt each,
+/// printed as it ends); after an error the socket is closed and the next exchange opens a new one.
+fn hold(args: &ProbeArgs, deadline: Instant, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut held: Option<Held> = None;
+    let mut socket = 0;
+    for _ in 0..args.count.min(MAX_COUNT) {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let at_us = now_us();
+        let mut connect_us = 0;
+        let opened = match held.take() {
+            Some(open) => Ok(open),
+            None => {
+                let started = Instant::now();
+                let opened = Held::connect(args.target, args.udp).map_err(|e| errno_name(&e));
+                connect_us = started.elapsed().as_micros() as u64;
+                opened
+            }
+        };
+        let result = opened.and_then(|mut open| {
+            let answer = open.exchange()?;
+            held = Some(open);
+            Ok(answer)
+        });
+        let failed = result.is_err();
+        let attempt = Attempt {
+            socket: Some(socket),
+            ..attempt(at_us, connect_us, result)
+        };
+        writeln!(out, "{}", serde_json::to_string(&attempt)?)?;
+        if failed {
+            socket += 1;
+        }
+        if args.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
+        }
+    }
+    Ok(())
+}
+
+/// The socket `--hold` keeps between exchanges.
+enum Held {
+    Tcp(BufReader<TcpStream>),
+    Udp(UdpSocket),
+}
+
+impl Held {
+    /// A TCP connection to `target`, or with `udp` a UDP socket connected to it (either connect
+    /// is what lb's connect hooks rewrite).
+    fn connect(target: SocketAddr, udp: bool) -> std::io::Result<Self> {
+        if udp {
+            let socket = socket_for(target, Type::DGRAM, Protocol::UDP)?;
+            socket.connect(&target.into())?;
+            socket.set_read_timeout(Some(IO_TIMEOUT))?;
+            return Ok(Held::Udp(socket.into()));
+        }
+        let socket = socket_for(target, Type::STREAM, Protocol::TCP)?;
+        socket.connect_timeout(&target.into(), IO_TIMEOUT)?;
+        socket.set_read_timeout(Some(IO_TIMEOUT))?;
+        socket.set_tcp_nodelay(true)?;
+        Ok(Held::Tcp(BufReader::new(socket.into())))
+    }
+
+    /// One request and its reply: a line and the line that answers it on TCP, a datagram and
+    /// the datagram that answers it on UDP. Errors are errno names, `EOF` when the server closed
+    /// the connection, `timeout` when no reply came within [`IO_TIMEOUT`].
+    fn exchange(&mut self) -> Result<String, String> {
+        let name = |e: std::io::Error| match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => "timeout".to_owned(),
+            _ => errno_name(&e),
+        };
+        match self {
+            Held::Tcp(stream) => {
+                stream.get_mut().write_all(b"ping\n").map_err(name)?;
+                let mut line = String::new();
+                stream.read_line(&mut line).map_err(name)?;
+                // Without its newline, the line was cut short by the end of the stream.
+                match line.strip_suffix('\n') {
+                    Some(answer) => Ok(answer.to_owned()),
+                    None => Err("EOF".to_owned()),
+                }
+            }
+            Held::Udp(socket) => {
+                socket.send(b"ping").map_err(name)?;
+                let mut buf = [0u8; 1500];
+                let n = socket.recv(&mut buf).map_err(name)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+            }
+        }
+    }
+}
+
 fn attempt(at_us: u64, connect_us: u64, result: Result<String, String>) -> Attempt {
     let (answer, error) = match result {
         Ok(answer) => (Some(answer), None),
@@ -463,6 +572,9 @@ pub fn spawn(exe: &Path, args: &ProbeArgs) -> anyhow::Result<Child> {
     }
     if args.udp {
         command.arg("--udp");
+    }
+    if args.hold {
+        command.arg("--hold");
     }
     if args.udp_unconnected {
         command
@@ -498,23 +610,79 @@ pub fn collect_echo(child: Child) -> anyhow::Result<EchoSummary> {
     serde_json::from_slice(&out.stdout).context("bad probe summary")
 }
 
-/// A probe process whose output is read as it comes: a long run's output would fill the pipe,
-/// and the probe would stall on its writes, not connecting, until someone read it.
-pub struct Running(std::thread::JoinHandle<anyhow::Result<Vec<Attempt>>>);
+/// A probe process whose output is read as it comes: its attempts can be looked at while it runs,
+/// and a long run's output cannot fill the pipe (the probe would stall on its writes, not
+/// connecting, until someone read it).
+pub struct Running {
+    child: Arc<Mutex<Child>>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    /// Set by [`stop`](Self::stop): the probe was killed on purpose.
+    stopped: Arc<AtomicBool>,
+    reader: std::thread::JoinHandle<anyhow::Result<()>>,
+}
 
 impl Running {
+    /// The attempts the probe has reported so far, in order.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.attempts.lock().unwrap().clone()
+    }
+
     /// Waits for the probe to end; its attempts.
     pub fn finish(self) -> anyhow::Result<Vec<Attempt>> {
-        self.0
+        self.reader
             .join()
-            .map_err(|_| anyhow::anyhow!("the thread reading a probe's output panicked"))?
+            .map_err(|_| anyhow::anyhow!("the thread reading a probe's output panicked"))??;
+        Ok(std::mem::take(&mut *self.attempts.lock().unwrap()))
+    }
+
+    /// Ends the probe now, before its --count or --duration-ms; the attempts it reported.
+    pub fn stop(self) -> anyhow::Result<Vec<Attempt>> {
+        self.stopped.store(true, Ordering::Relaxed);
+        // Does nothing if the probe has ended and been waited for already.
+        self.child.lock().unwrap().kill()?;
+        self.finish()
     }
 }
 
 /// Starts a probe process and reads its output as it comes ([`Running`]).
 pub fn start(exe: &Path, args: &ProbeArgs) -> anyhow::Result<Running> {
-    let child = spawn(exe, args)?;
-    Ok(Running(std::thread::spawn(move || collect(child))))
+    let mut child = spawn(exe, args)?;
+    let stdout = child.stdout.take().context("the probe's stdout")?;
+    let mut stderr = child.stderr.take().context("the probe's stderr")?;
+    let child = Arc::new(Mutex::new(child));
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let stopped = Arc::new(AtomicBool::new(false));
+    let (waited, sink, killed) = (child.clone(), attempts.clone(), stopped.clone());
+    let reader = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut lines = BufReader::new(stdout);
+        let mut line = String::new();
+        while lines.read_line(&mut line)? > 0 {
+            // A line without its newline was cut short by the probe's end: the status says why.
+            let Some(json) = line.strip_suffix('\n') else {
+                break;
+            };
+            let attempt =
+                serde_json::from_str(json).with_context(|| format!("bad probe line {json:?}"))?;
+            sink.lock().unwrap().push(attempt);
+            line.clear();
+        }
+        // Its stdout is closed: the probe has ended (a probe writes little to stderr, so it
+        // cannot have stalled on that pipe).
+        let status = waited.lock().unwrap().wait()?;
+        let stopped = killed.load(Ordering::Relaxed) && status.signal() == Some(libc::SIGKILL);
+        if !status.success() && !stopped {
+            let mut errors = String::new();
+            stderr.read_to_string(&mut errors)?;
+            bail!("probe failed ({status}): {}", errors.trim());
+        }
+        Ok(())
+    });
+    Ok(Running {
+        child,
+        attempts,
+        stopped,
+        reader,
+    })
 }
 
 /// Waits for a probe process and parses its attempts.

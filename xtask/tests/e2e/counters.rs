@@ -49,7 +49,11 @@ spec:
 }
 
 /// The counters `listing` shows for the frontend `target`/`protocol`.
-fn counters(listing: &Listing, target: SocketAddr, protocol: &str) -> anyhow::Result<CountersJson> {
+pub fn counters(
+    listing: &Listing,
+    target: SocketAddr,
+    protocol: &str,
+) -> anyhow::Result<CountersJson> {
     let row = listing
         .frontends
         .iter()

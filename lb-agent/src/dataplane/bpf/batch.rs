@@ -98,21 +98,7 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
 /// Writes `keys[i]` → `values[i]` for every `i`, in order, stopping at the first failure.
 pub fn update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> Result<(), Stopped> {
     assert_eq!(keys.len(), values.len());
-    run(BPF_MAP_UPDATE_BATCH, map, keys, Some((values, 1)))
-}
-
-/// [`update`] for a per-CPU map: `values` holds `cpus` values per key (the kernel's possible
-/// CPUs), one after the other. `V`'s size must be a multiple of 8, as the kernel lays out per-CPU
-/// values.
-pub fn update_per_cpu<K: Pod, V: Pod>(
-    map: &MapData,
-    keys: &[K],
-    cpus: usize,
-    values: &[V],
-) -> Result<(), Stopped> {
-    assert_eq!(size_of::<V>() % 8, 0);
-    assert_eq!(keys.len() * cpus, values.len());
-    run(BPF_MAP_UPDATE_BATCH, map, keys, Some((values, cpus)))
+    run(BPF_MAP_UPDATE_BATCH, map, keys, Some(values))
 }
 
 /// Deletes `keys`, in order, stopping at the first failure (a missing key is one: `ENOENT`).
@@ -124,8 +110,7 @@ fn run<K: Pod, V: Pod>(
     command: libc::c_long,
     map: &MapData,
     keys: &[K],
-    // The values, and how many go with each key.
-    values: Option<(&[V], usize)>,
+    values: Option<&[V]>,
 ) -> Result<(), Stopped> {
     let mut done = 0;
     while done < keys.len() {
@@ -135,7 +120,7 @@ fn run<K: Pod, V: Pod>(
         let count = u32::try_from(rest.len()).unwrap_or(u32::MAX);
         let mut attr = BatchAttr {
             keys: rest.as_ptr() as u64,
-            values: values.map_or(0, |(v, per_key)| v[done * per_key..].as_ptr() as u64),
+            values: values.map_or(0, |v| v[done..].as_ptr() as u64),
             count,
             map_fd: map.fd().as_fd().as_raw_fd() as u32,
             ..Default::default()

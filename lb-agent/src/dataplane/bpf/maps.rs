@@ -100,15 +100,14 @@ impl BpfMaps {
         })
     }
 
-    /// A frontend's counters (by service id), summed over the CPUs; `None` when it has none.
-    pub fn counters(&self, service_id: u32) -> anyhow::Result<Option<ServiceCounters>> {
+    /// A frontend's counters (by service id), summed over the CPUs: zero until the programs
+    /// first translate (or refuse) for it, which creates them.
+    pub fn counters(&self, service_id: u32) -> anyhow::Result<ServiceCounters> {
         match self.counters.get(&service_id, 0) {
-            Ok(per_cpu) => Ok(Some(
-                per_cpu
-                    .iter()
-                    .fold(ServiceCounters::default(), |sum, cpu| sum.add(cpu)),
-            )),
-            Err(MapError::KeyNotFound) => Ok(None),
+            Ok(per_cpu) => Ok(per_cpu
+                .iter()
+                .fold(ServiceCounters::default(), |sum, cpu| sum.add(cpu))),
+            Err(MapError::KeyNotFound) => Ok(ServiceCounters::default()),
             Err(e) => Err(anyhow::Error::new(e).context(format!("reading {COUNTERS_MAP}"))),
         }
     }
@@ -189,16 +188,6 @@ impl BpfMaps {
                     Write::DeleteService(FrontendKey::V6(k)) => *k,
                     w => other(w),
                 })
-            }
-            MapOp::PutCounters => {
-                let ids: Vec<u32> = writes
-                    .iter()
-                    .map(|w| match w {
-                        Write::PutCounters(id) => *id,
-                        w => other(w),
-                    })
-                    .collect();
-                put_zero_per_cpu(self.counters.map(), COUNTERS_MAP, &ids)
             }
             MapOp::DeleteCounters => delete_keys(
                 self.counters.map(),
@@ -365,18 +354,4 @@ fn delete_keys<K: Pod>(
         }
     }
     Ok(())
-}
-
-/// Writes zeroed per-CPU values under `keys` of a per-CPU map of [`ServiceCounters`].
-fn put_zero_per_cpu(map: &MapData, name: &str, keys: &[u32]) -> Result<(), (usize, anyhow::Error)> {
-    let cpus = aya::util::nr_cpus()
-        .map_err(|(what, error)| (0, anyhow::Error::new(error).context(what)))?;
-    let zeros = vec![ServiceCounters::default(); keys.len() * cpus];
-    batch::update_per_cpu(map, keys, cpus, &zeros).map_err(|Stopped { done, error }| {
-        let error = match error.raw_os_error() {
-            Some(libc::E2BIG) => full(name),
-            _ => anyhow::Error::new(error).context(format!("writing map {name}")),
-        };
-        (done, error)
-    })
 }

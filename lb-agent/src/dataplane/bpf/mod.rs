@@ -8,11 +8,14 @@
 //! hook at a time, once its maps are programmed (see [`pins`]).
 
 mod batch;
+mod kfunc;
 mod maps;
 mod pins;
+mod terminate;
 
 pub use maps::BpfMaps;
 pub use pins::{Attach, Loaded, LruSizes, layout_dir, load, mount_bpffs, pinned_layouts, reset};
+pub use terminate::{Ended, Terminator};
 
 pub const SERVICES_MAP: &str = "LB4_SERVICES";
 pub const BACKENDS_MAP: &str = "LB4_BACKENDS";

@@ -28,13 +28,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::MapInfo,
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSockAddr, Iter,
         links::{FdLink, PinnedLink},
     },
 };
+use aya_obj::btf::BtfKind;
 use lb_common::{
     Affinity4, Affinity6, AffinityKey, Backend4, Backend6, BackendMember, BackendMember4Key,
     BackendMember6Key, BackendSlotKey, Frontend4Key, Frontend6Key, LAYOUT_VERSION, Reverse4Key,
@@ -50,11 +51,13 @@ use tracing::{debug, info, warn};
 use super::{
     AFFINITY_MAPS, BACKENDS_MAP, BACKENDS6_MAP, BpfMaps, COUNTERS_MAP, MAPS, MEMBERS_MAP,
     MEMBERS6_MAP, NAMES_MAP, PROGRAMS, Program, SERVICES_MAP, SERVICES6_MAP, SOCKET_MAPS,
+    kfunc::{self, SOCK_DESTROY},
     link_pin_names,
+    terminate::{ITERATORS, Terminator},
 };
 
 /// The eBPF object, built from lb-ebpf by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// The loaded dataplane: its maps, the reader of its eBPF log events, and its programs, to attach
 /// once the maps are programmed.
@@ -112,12 +115,15 @@ fn version_dirs(pin_dir: &Path) -> anyhow::Result<Vec<u32>> {
 /// Loads the programs with the maps of this agent's layout version ([`LAYOUT_VERSION`]) pinned
 /// under `pin_dir`, reusing them when an earlier agent left them and creating them otherwise.
 /// Nothing is attached yet: the programs attached now (an earlier agent's) keep translating
-/// until [`Attach::attach`]. `lru` sizes the LRU maps the programs keep.
+/// until [`Attach::attach`]. `lru` sizes the LRU maps the programs keep. With `end_sockets`, the
+/// socket iterators that end sockets to removed backends are loaded too, when the kernel has
+/// what they need.
 pub fn load(
     pin_dir: &Path,
     cgroup: &Path,
     log_level: aya_log::Level,
     lru: LruSizes,
+    end_sockets: bool,
 ) -> anyhow::Result<Loaded> {
     if EBPF_OBJECT.is_empty() {
         bail!(
@@ -176,7 +182,11 @@ pub fn load(
         .map(|name| (*name, pin(name)))
         .collect();
     let level = log_level as u8;
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+    let sock_destroy = btf.id_by_type_name_kind(SOCK_DESTROY, BtfKind::Func).ok();
+    let (object, _) = kfunc::patch_calls(EBPF_OBJECT, SOCK_DESTROY, sock_destroy)?;
     let mut loader = EbpfLoader::new();
+    loader.btf(Some(&btf));
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -185,7 +195,7 @@ pub fn load(
     }
     let mut ebpf = loader
         .override_global(aya_log::LEVEL, &level, true)
-        .load(EBPF_OBJECT)
+        .load(&object)
         .context("loading the eBPF programs (is this a kernel with BTF, and are we root?)")?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
 
@@ -206,6 +216,7 @@ pub fn load(
             .load()
             .with_context(|| format!("loading {} into the kernel", program.name))?;
     }
+    let ending = end_sockets && load_iterators(&mut ebpf, &btf, sock_destroy.is_some());
     let maps = BpfMaps::take(&mut ebpf)?;
     Ok(Loaded {
         maps,
@@ -216,8 +227,39 @@ pub fn load(
             cgroup_dir,
             pin_dir: pin_dir.to_owned(),
             others,
+            ending,
         },
     })
+}
+
+/// Loads the socket iterators, or says once why sockets to removed backends stay connected.
+fn load_iterators(ebpf: &mut Ebpf, btf: &Btf, has_sock_destroy: bool) -> bool {
+    if !has_sock_destroy {
+        warn!(
+            "this kernel has no bpf_sock_destroy (Linux >= 6.5): sockets connected to a backend \
+             that leaves a Service stay connected until the application closes them"
+        );
+        return false;
+    }
+    let loaded = ITERATORS.iter().try_for_each(|(name, kind)| {
+        let program: &mut Iter = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no {name} program"))?
+            .try_into()?;
+        program
+            .load(kind, btf)
+            .with_context(|| format!("loading {name} into the kernel"))
+    });
+    match loaded {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(
+                "sockets connected to a backend that leaves a Service stay connected: the socket \
+                 iterators that end them could not be loaded: {e:#}"
+            );
+            false
+        }
+    }
 }
 
 /// The loaded programs, waiting to replace the attached ones once the maps are programmed.
@@ -228,13 +270,16 @@ pub struct Attach {
     pin_dir: PathBuf,
     /// Layout versions whose maps were pinned when the agent started: removed after the swap.
     others: Vec<u32>,
+    /// Whether the socket iterators are loaded (sockets to removed backends are ended).
+    ending: bool,
 }
 
 impl Attach {
     /// Attaches every program of [`PROGRAMS`] to the cgroup, replacing the programs an earlier
     /// agent left there without a moment in which sockets go untranslated; then removes the maps
-    /// of other layout versions, which no attached program uses any more.
-    pub fn attach(mut self) -> anyhow::Result<()> {
+    /// of other layout versions, which no attached program uses any more. Returns what ends
+    /// sockets to removed backends, when that is on.
+    pub fn attach(mut self) -> anyhow::Result<Option<Terminator>> {
         for program in PROGRAMS {
             attach(&mut self.ebpf, &program, &self.cgroup_dir, &self.pin_dir).with_context(
                 || {
@@ -268,7 +313,12 @@ impl Attach {
                 }
             );
         }
-        Ok(())
+        if !self.ending {
+            return Ok(None);
+        }
+        let terminator = Terminator::new(self.ebpf, &self.cgroup)?;
+        info!("sockets lb translated to a backend that leaves its Service will be ended");
+        Ok(Some(terminator))
     }
 }
 
