@@ -180,6 +180,10 @@ fn main() {
             termination::ended_and_reconnected,
         ),
         (
+            "sockets_to_a_removed_backend_are_ended_over_ipv6_and_ipv4_mapped_addresses_too",
+            termination::ended_over_ipv6_and_ipv4_mapped,
+        ),
+        (
             "with_destroy_sockets_false_sockets_to_a_removed_backend_keep_talking_to_it",
             termination::kept_when_disabled,
         ),

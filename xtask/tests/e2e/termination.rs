@@ -8,23 +8,24 @@
 //! that is what the clients here would notice.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
 use xtask::{
-    manifests::{self, Endpoint, Port},
+    manifests::{self, Port},
     testbed::{
         PodSpec, Testbed,
-        probe::{Attempt, Running, now_us},
+        probe::{Attempt, Running, now_us, v4_mapped},
     },
 };
 
 use super::{counters::counters, testbed};
 
 const HELD_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 90);
+const HELD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x90);
 const LINE_PORT: u16 = 7070;
 const UDP_POD_PORT: u16 = 5353;
 /// How soon after the manifest write a client of a removed backend must be answered by a live one.
@@ -54,27 +55,13 @@ fn pods() -> Vec<PodSpec> {
         .collect()
 }
 
-/// demo/held (TCP 80 → line, UDP 53 → dns) and its slice listing `pods`.
+/// demo/held, dual-stack (TCP 80 → line, UDP 53 → dns), and its slices listing `pods`.
 fn manifest(pods: &[PodSpec]) -> String {
-    let endpoints: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(p.ip, &p.name))
-        .collect();
-    manifests::documents(&[
-        manifests::service(
-            "demo",
-            "held",
-            HELD_IP,
-            &[Port::tcp("line", 80, "line"), Port::udp("dns", 53, "dns")],
-        ),
-        manifests::endpoint_slice(
-            "demo",
-            "held-1",
-            "held",
-            &[("line", LINE_PORT, "TCP"), ("dns", UDP_POD_PORT, "UDP")],
-            &endpoints,
-        ),
-    ])
+    let ports = [Port::tcp("line", 80, "line"), Port::udp("dns", 53, "dns")];
+    let service = manifests::dual_stack_service("demo", "held", (HELD_IP, HELD_IP6), &ports);
+    let slice_ports = [("line", LINE_PORT, "TCP"), ("dns", UDP_POD_PORT, "UDP")];
+    let [v4, v6] = manifests::dual_stack_slices("demo", "held", &slice_ports, pods);
+    manifests::documents(&[service, v4, v6])
 }
 
 /// A client holding one socket to `target` (TCP, or connected UDP with `udp`) and exchanging on
@@ -269,6 +256,31 @@ pub fn ended_and_reconnected() -> anyhow::Result<()> {
              client had {ended} ended"
         );
         eprintln!("{frontend}/{protocol}: {ended} sockets ended, {counted} counted");
+    }
+    Ok(())
+}
+
+/// The same for TCP over IPv6, and over an IPv4-mapped address on an AF_INET6 socket (which lb
+/// translates in its IPv4 maps): a held client of a removed backend is ended and moves.
+pub fn ended_over_ipv6_and_ipv4_mapped() -> anyhow::Result<()> {
+    let pods = pods();
+    let mut tb = testbed(&pods)?;
+    tb.write_manifest("held.yaml", &manifest(&pods))?;
+    tb.start_agent()?;
+    for (target, family) in [
+        (SocketAddr::from((HELD_IP6, 80)), "IPv6"),
+        (v4_mapped(tcp()), "IPv4-mapped"),
+    ] {
+        set_backends(&mut tb, &pods)?;
+        let (client, pod) = hold(&tb, target, false)?;
+        let gone = pods
+            .iter()
+            .find(|p| p.name == pod)
+            .with_context(|| format!("{target} answered as {pod}, not a pod of the Service"))?;
+        let written_at = remove(&mut tb, &pods, gone)?;
+        let who = format!("the {family} TCP client of {target}");
+        let (error, after_ms) = moved_off(&client.stop()?, written_at, &pod, &who)?;
+        eprintln!("{pod} removed: {who} got {error} and was answered again {after_ms} ms after");
     }
     Ok(())
 }
