@@ -11,6 +11,16 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines are written to stderr: `text` for people, `json` (one object per line, with
+    /// the same fields: timestamp, level, target, message and the event's own) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LB_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -59,8 +69,10 @@ pub struct RunArgs {
     /// Where the maps and the program's link are pinned (on a BPF filesystem).
     #[arg(long, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
     pub pin_dir: PathBuf,
-    /// Address for /healthz, /readyz and /metrics (Prometheus).
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// Address for /healthz, /readyz and /metrics (Prometheus). The default port is not one of
+    /// kube-proxy's (10256 for health, 10249 for metrics), so both can run on a hostNetwork node
+    /// during a migration.
+    #[arg(long, default_value = "0.0.0.0:10266")]
     pub health_addr: SocketAddr,
     /// Capacity of each per-socket map (LRU): the translations that let UDP replies and
     /// getpeername show the ClusterIP, and the backend each unconnected UDP socket keeps per

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod dataplane;
 pub mod health;
 pub mod list;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod parallel;

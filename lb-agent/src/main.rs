@@ -1,23 +1,16 @@
 //! lb-agent's binary: parses the command line and runs the library's command.
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser as _;
 use lb_agent::{
     cli::{Cli, Command},
-    dataplane, list, run,
+    dataplane, list, logging, run,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    logging::init(cli.log_format);
 
     let result = match cli.command {
         Command::Run(args) => run::run(args),

@@ -87,6 +87,16 @@ fn daemonset_passes_only_flags_the_agent_has_and_probes_its_health_port() {
         container["securityContext"]["privileged"].as_bool(),
         Some(true)
     );
+    // Beside kube-proxy on a hostNetwork node: none of its ports (healthz, metrics).
+    assert!(
+        !matches!(health_port, Some(10256 | 10249)),
+        "--health-addr takes kube-proxy's port {health_port:?}"
+    );
+    // Sockets to removed backends are ended in the namespaces of the node's processes, which
+    // the agent finds through /proc: the host's PID namespace.
+    let pod = &kind(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"].as_bool(), Some(true));
+    assert!(!args.contains(&"--destroy-sockets=false"));
 }
 
 #[test]
