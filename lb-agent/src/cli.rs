@@ -93,6 +93,11 @@ pub struct RunArgs {
     /// kube-proxy.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub destroy_sockets: bool,
+    /// Also export the programs' counters per Service port on /metrics (`lb_service_*_total`
+    /// with namespace, service and port labels): a series per Service port and counter, so off
+    /// by default; the sums over all Services are always exported.
+    #[arg(long)]
+    pub metrics_per_service: bool,
     /// How often the pinned maps are compared with the wanted state: an entry changed or deleted
     /// behind the agent's back (with bpftool, say) is repaired within one interval, and
     /// frontends that failed to program are retried.

@@ -71,6 +71,7 @@ const CHANNEL: usize = 1024;
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // The source first: a wrong --manifests or kubeconfig fails before the datapath is touched.
     let (tx, rx) = mpsc::channel(CHANNEL);
+    let metrics = Arc::new(Metrics::new());
     let mut origins = None;
     let source: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &args.manifests {
         Some(path) => {
@@ -84,7 +85,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 "watching Services and EndpointSlices; the maps stay as they are until both are \
                  listed"
             );
-            Box::pin(kube_source::follow(client, args.node_name.clone(), tx))
+            Box::pin(kube_source::follow(
+                client,
+                args.node_name.clone(),
+                tx,
+                metrics.clone(),
+            ))
         }
     };
     let node = NodeContext {
@@ -123,10 +129,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     relay_ebpf_logs(loaded.logger)?;
     let attach = loaded.attach;
     let dataplane = Dataplane::adopt(loaded.maps)?;
+    // /metrics reads the programs' counters through maps of its own.
+    metrics.programs().read_from(
+        Box::new(bpf::BpfMaps::open_pinned(&args.pin_dir)?),
+        args.metrics_per_service,
+    );
     info!(frontends = dataplane.len(), "adopted the pinned maps");
 
     let health = Health::default();
-    let metrics = Arc::new(Metrics::new());
     health::serve(args.health_addr, health.clone(), metrics.clone()).await?;
 
     tokio::spawn(source);
@@ -260,8 +270,11 @@ async fn reconcile<S: MapStore>(
                     }
                 }
                 let mut read: Option<Duration> = None;
+                // The earliest change of the burst: the programming latency is its.
+                let mut changed_at: Option<SystemTime> = None;
                 for batch in batches {
                     synced |= batch.synced;
+                    changed_at = changed_at.into_iter().chain(batch.changed_at).min();
                     if let Some(r) = batch.read {
                         read = Some(read.unwrap_or_default() + r);
                     }
@@ -296,8 +309,13 @@ async fn reconcile<S: MapStore>(
                     model,
                     apply: started.elapsed(),
                 };
-                metrics.sync(timings, SystemTime::now());
+                let now = SystemTime::now();
+                metrics.sync(timings, now);
                 metrics.apply(&report);
+                if programmed && let Some(at) = changed_at {
+                    metrics.programmed(now.duration_since(at).unwrap_or_default());
+                }
+                metrics.model(&cluster);
                 metrics.reconciler(&reconciler);
                 end_sockets(terminator.as_mut(), &report);
                 let frontends = reconciler.dataplane().len();
@@ -339,7 +357,7 @@ async fn reconcile<S: MapStore>(
                 if let Ok(report) = &resynced {
                     metrics.apply(&report.apply);
                     end_sockets(terminator.as_mut(), &report.apply);
-                    metrics.drift_repaired(report.frontends.len() + report.entries.len());
+                    metrics.drift_repaired(report);
                 }
                 metrics.reconciler(&reconciler);
                 match resynced {

@@ -19,6 +19,9 @@
 //! | `LB6_BACKENDS` | [`BackendSlotKey`]    | [`Backend6`]      | connect6, sendmsg6 |
 //! | `LB6_MEMBERS`  | [`BackendMember6Key`] | [`BackendMember`] | sendmsg6 |
 //! | `LB_SVC_NAMES` | `u32` service id      | [`ServiceName`]   | `lb-agent list` |
+//! | `LB_COUNTERS`  | `u32` service id      | [`ServiceCounters`] per CPU | every program; `list` |
+//! | `LB4_TERMINATE`| [`Terminate4Key`]     | `u32` service id  | `lb_end_tcp`/`lb_end_udp` |
+//! | `LB6_TERMINATE`| [`Terminate6Key`]     | `u32` service id  | `lb_end_tcp`/`lb_end_udp` |
 //!
 //! `*_SERVICES` and `*_BACKENDS` say where a new choice may go: a frontend's service entry and its
 //! slots. `*_MEMBERS` answers, in one lookup, whether a backend is still in a service's set,
@@ -71,8 +74,10 @@
 ///
 /// - 1: the maps as they were before versions existed.
 /// - 2: [`ServiceEntry::affinity_timeout_s`] (session affinity) and the `*_AFFINITY` maps.
-/// - 3: the per-frontend counters, `LB_COUNTERS` ([`ServiceCounters`]), and the
-///   `*_TERMINATE` maps (ending sockets to removed backends).
+/// - 3: the per-frontend counters, `LB_COUNTERS` ([`ServiceCounters`]), the `*_TERMINATE` maps
+///   (ending sockets to removed backends), and room in `LB_SVC_NAMES` for the frontends of both
+///   families (it had room for `MAX_SERVICES`: more than that many frontends over IPv4 and IPv6
+///   together could not be named, and failed).
 pub const LAYOUT_VERSION: u32 = if cfg!(feature = "layout-test") { 4 } else { 3 };
 
 /// Capacity of the service (frontend) maps. A frontend is one ClusterIP × port × protocol.
@@ -80,8 +85,8 @@ pub const MAX_SERVICES: u32 = 65_536;
 /// Capacity of each backend slot map, shared by all frontends, and of each member map (one entry
 /// per slot).
 pub const MAX_BACKEND_SLOTS: u32 = 524_288;
-/// Capacity of `LB_COUNTERS`: one entry per frontend, of either family (service ids are shared by
-/// both).
+/// Capacity of `LB_COUNTERS` and `LB_SVC_NAMES`: one entry per frontend, of either family
+/// (service ids are shared by both).
 pub const MAX_FRONTENDS: u32 = 2 * MAX_SERVICES;
 /// Largest backend set one frontend may have (the count is a `u16`; kube caps a slice at 1000
 /// endpoints, so this leaves room for many slices).
@@ -494,6 +499,16 @@ impl ServiceCounters {
             affinity_hits: self.affinity_hits.wrapping_add(other.affinity_hits),
             sockets_destroyed: self.sockets_destroyed.wrapping_add(other.sockets_destroyed),
         }
+    }
+
+    /// Whether every counter of `self` is at least `other`'s: `self` may be a later reading of
+    /// the same counters.
+    pub fn covers(&self, other: &Self) -> bool {
+        self.connects >= other.connects
+            && self.refused >= other.refused
+            && self.datagrams >= other.datagrams
+            && self.affinity_hits >= other.affinity_hits
+            && self.sockets_destroyed >= other.sockets_destroyed
     }
 }
 

@@ -48,7 +48,7 @@ static LB6_MEMBERS: HashMap<BackendMember6Key, BackendMember, { MAX_BACKEND_SLOT
 /// Read by `lb-agent list` only; declared here so it is created, typed (BTF) and pinned with the
 /// others.
 #[btf_map]
-static LB_SVC_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }> = HashMap::new();
+static LB_SVC_NAMES: HashMap<u32, ServiceName, { MAX_FRONTENDS as usize }> = HashMap::new();
 
 /// Per frontend (service id), per CPU. An entry is created by the frontend's first count, so
 /// that only frontends with traffic take memory (preallocated, the map would take

@@ -55,6 +55,8 @@ mod bad_input;
 mod counters;
 #[path = "e2e/dns.rs"]
 mod dns;
+#[path = "e2e/metrics.rs"]
+mod metrics;
 #[path = "e2e/sockets.rs"]
 mod sockets;
 #[path = "e2e/termination.rs"]
@@ -186,6 +188,10 @@ fn main() {
         (
             "with_destroy_sockets_false_sockets_to_a_removed_backend_keep_talking_to_it",
             termination::kept_when_disabled,
+        ),
+        (
+            "metrics_show_what_the_maps_hold_how_long_a_change_took_and_each_repair",
+            metrics::scraped,
         ),
         (
             "upgrade_from_an_agent_before_versioned_layouts_fails_no_connect",
@@ -720,7 +726,7 @@ fn wait_for_web(tb: &Testbed, pods: &[PodSpec], timeout: Duration) -> anyhow::Re
 /// A restarted agent, now ready, adopted the pinned web frontend and wrote nothing to the maps.
 fn adopted_without_writes(tb: &mut Testbed) -> anyhow::Result<()> {
     let metrics = tb.agent().metrics()?;
-    let (frontends, written) = (metrics.count("lb_frontends")?, metrics.frontend_writes()?);
+    let (frontends, written) = (metrics.sum("lb_frontends")?, metrics.frontend_writes()?);
     ensure!(
         frontends == 1 && written == [0, 0, 0],
         "the restart rewrote maps: {frontends} frontends, added, updated, removed {written:?}"
@@ -904,7 +910,17 @@ fn kube_outage() -> anyhow::Result<()> {
         counts.keys().all(|p| p == "web-1" || p == "web-2"),
         "not converged: {counts:?}"
     );
-    eprintln!("{} connects during the outage, none failed", during.len());
+    // Each failed watch attempt is counted, by resource.
+    let metrics = tb.agent().metrics()?;
+    let failures = metrics.sum("lb_watch_failures_total")?;
+    ensure!(
+        failures >= 2,
+        "lb_watch_failures_total is {failures} after the outage: {metrics:?}"
+    );
+    eprintln!(
+        "{} connects during the outage, none failed; {failures} failed watch attempts counted",
+        during.len()
+    );
     Ok(())
 }
 
@@ -1011,7 +1027,7 @@ fn drift_repair() -> anyhow::Result<()> {
         eprintln!("{line}");
     }
     ensure!(repaired.len() >= 2, "each repair is logged");
-    let counted = tb.agent().metrics()?.count("lb_drift_repairs_total")?;
+    let counted = tb.agent().metrics()?.sum("lb_drift_repairs_total")?;
     ensure!(
         counted >= 2,
         "lb_drift_repairs_total is {counted} after two repairs"
@@ -1076,7 +1092,7 @@ fn failed_write_retried() -> anyhow::Result<()> {
     let failing = tb
         .agent()
         .wait_metrics("two failed writes", Duration::from_secs(5), |m| {
-            Ok(m.count("lb_write_failures_total")? >= 2)
+            Ok(m.sum("lb_write_failures_total")? >= 2)
         })?;
     ensure!(failing.count("lb_frontends_failing")? == 1, "{failing:?}");
 
@@ -1091,7 +1107,7 @@ fn failed_write_retried() -> anyhow::Result<()> {
     let now = tb.agent().metrics()?;
     // Every failed attempt started before the space was freed, and the retry after the n-th
     // comes one backoff later (500 ms, doubling): so within that of the freeing.
-    let failures = now.count("lb_write_failures_total")?;
+    let failures = now.sum("lb_write_failures_total")?;
     let backoff = FIRST_BACKOFF * 2u32.pow(failures.saturating_sub(1) as u32);
 
     let before: Vec<&Attempt> = attempts.iter().filter(|a| a.at_us < freed_at).collect();

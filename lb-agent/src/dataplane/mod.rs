@@ -176,6 +176,56 @@ pub struct ApplyReport {
     pub departed: Vec<Departure>,
 }
 
+/// Why a frontend could not be written, for metrics: read from the failure's message, whose
+/// wording the dataplane and its stores take from here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A map had no room left.
+    MapFull,
+    /// More backends than a frontend may have.
+    TooManyBackends,
+    /// Anything else the kernel refused.
+    Error,
+}
+
+impl FailureKind {
+    /// How a store says a map is full: `map <name> is full`.
+    pub const MAP_FULL: &str = "is full";
+    /// How the dataplane says a frontend has too many backends.
+    pub const TOO_MANY_BACKENDS: &str = "backends; at most";
+    pub const ALL: [FailureKind; 3] = [
+        FailureKind::MapFull,
+        FailureKind::TooManyBackends,
+        FailureKind::Error,
+    ];
+
+    pub fn of(message: &str) -> Self {
+        if message.contains(Self::MAP_FULL) {
+            FailureKind::MapFull
+        } else if message.contains(Self::TOO_MANY_BACKENDS) {
+            FailureKind::TooManyBackends
+        } else {
+            FailureKind::Error
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::MapFull => "map_full",
+            FailureKind::TooManyBackends => "too_many_backends",
+            FailureKind::Error => "error",
+        }
+    }
+}
+
+/// What the maps hold, by family, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FamilyStats {
+    pub frontends: usize,
+    /// Backend slots, one per backend of each frontend (and one member entry each).
+    pub backends: usize,
+}
+
 /// A backend that left a frontend's set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Departure {
@@ -191,6 +241,8 @@ pub struct ResyncReport {
     pub frontends: Vec<(Frontend, String)>,
     /// Entries no frontend reaches (removed) and member entries the maps lacked (written).
     pub entries: Vec<String>,
+    /// How many of `entries` were removed (the others were written).
+    pub stray_entries: usize,
     /// The writes that brought the frontends back to the wanted state.
     pub apply: ApplyReport,
 }
@@ -221,6 +273,17 @@ impl<S: MapStore> Dataplane<S> {
     /// Re-allocates the view of the maps after a large apply (see `Cluster::compact`).
     pub fn compact(&mut self) {
         self.programmed = self.programmed.clone();
+    }
+
+    /// Frontends and backend slots programmed, IPv4 then IPv6.
+    pub fn stats(&self) -> [FamilyStats; 2] {
+        let mut stats = [FamilyStats::default(); 2];
+        for (key, programmed) in &self.programmed {
+            let family = &mut stats[usize::from(key.family() == Family::V6)];
+            family.frontends += 1;
+            family.backends += programmed.slots.len();
+        }
+        stats
     }
 
     /// Number of frontends programmed.
@@ -432,6 +495,9 @@ impl<S: MapStore> Dataplane<S> {
         };
         for (write, what) in housekeeping(&snapshot, &self.programmed) {
             self.store.write(&write)?;
+            if !matches!(write, Write::PutMember(..)) {
+                report.stray_entries += 1;
+            }
             report.entries.push(what);
         }
         Ok(report)
@@ -607,9 +673,10 @@ fn wanted_frontend(
         return Err((
             *frontend,
             format!(
-                "{} has {} backends; at most {MAX_BACKENDS_PER_SERVICE} per frontend",
+                "{} has {} {} {MAX_BACKENDS_PER_SERVICE} per frontend",
                 state.service,
-                backends.len()
+                backends.len(),
+                FailureKind::TOO_MANY_BACKENDS
             ),
         ));
     }

@@ -895,6 +895,7 @@ mod reconciler {
         assert_eq!(report.frontends[0].0, frontend(99));
         assert_eq!(report.apply.removed, 1, "the stray entry goes first");
         assert_eq!(report.entries.len(), 5, "{:?}", report.entries);
+        assert_eq!(report.stray_entries, 4, "all but the member written again");
         assert!(
             report
                 .entries

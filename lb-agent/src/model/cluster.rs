@@ -112,6 +112,19 @@ impl Cluster {
         self.claims = self.claims.clone();
     }
 
+    /// Services that have frontends, by family (IPv4, IPv6): a dual-stack Service counts in
+    /// both.
+    pub fn services_by_family(&self) -> [usize; 2] {
+        let mut counts = [0; 2];
+        for results in self.computed.values() {
+            let has = |ipv6: bool| results.iter().any(|(f, _)| f.address.is_ipv6() == ipv6);
+            for (i, ipv6) in [false, true].into_iter().enumerate() {
+                counts[i] += usize::from(has(ipv6));
+            }
+        }
+        counts
+    }
+
     pub fn node(&self) -> &NodeContext {
         &self.node
     }

@@ -9,7 +9,7 @@
 //! field of the wrong type) is reported with its name and field and not used, so that it neither
 //! fails the whole list or watch it came in nor takes away the version the model already has.
 
-use std::{borrow::Cow, collections::BTreeSet, path::Path};
+use std::{borrow::Cow, collections::BTreeSet, path::Path, sync::Arc, time::SystemTime};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _, stream::BoxStream};
@@ -31,7 +31,14 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::Batch;
-use crate::model::{Event, ObjectRef, Problem, ServiceInput, ServiceKey, SliceInput};
+use crate::{
+    metrics::Metrics,
+    model::{Event, ObjectRef, Problem, ServiceInput, ServiceKey, SliceInput},
+};
+
+/// The EndpointSlice controller's stamp of when the Pod or Service change that a slice's latest
+/// version reflects happened (kube-proxy's network programming latency starts there too).
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Label of a Node's zone, used for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -423,14 +430,45 @@ impl KubeFeed {
     }
 }
 
+/// When the change an event carries happened: a slice's trigger time, else now; `None` for the
+/// events of a (re-)list, which carry no change of their own.
+fn changed_at(change: &Change) -> Option<SystemTime> {
+    fn is_change<K>(event: &watcher::Event<K>) -> bool {
+        matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_))
+    }
+    let trigger = match change {
+        Change::EndpointSlices(event) => match &**event {
+            watcher::Event::Apply(slice) | watcher::Event::Delete(slice) => slice
+                .meta()
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok()),
+            _ => return None,
+        },
+        Change::Services(event) if is_change(event) => None,
+        Change::Node(event) if is_change(event) => None,
+        _ => return None,
+    };
+    // A trigger time ahead of this node's clock would make a negative latency.
+    Some(trigger.map_or_else(SystemTime::now, |t| t.min(SystemTime::now())))
+}
+
 /// Follows the watches and sends their events, until the receiver is gone or the watches end.
-/// Watch failures are reported here, once per failure and once on recovery.
-pub async fn follow(client: Client, node_name: Option<String>, tx: mpsc::Sender<Batch>) {
+/// Watch failures are reported here, once per failure and once on recovery, and counted in
+/// `metrics` at every attempt.
+pub async fn follow(
+    client: Client,
+    node_name: Option<String>,
+    tx: mpsc::Sender<Batch>,
+    metrics: Arc<Metrics>,
+) {
     let mut updates = watch(client, node_name.as_deref());
     let mut feed = KubeFeed::new(node_name.is_some());
     let mut failing = BTreeSet::new();
     let mut synced = false;
     while let Some(update) = updates.next().await {
+        let changed = update.change.as_ref().ok().and_then(changed_at);
         let event = match update.change {
             Ok(change) => {
                 if failing.remove(&update.kind) {
@@ -443,6 +481,7 @@ pub async fn follow(client: Client, node_name: Option<String>, tx: mpsc::Sender<
                 event
             }
             Err(e) => {
+                metrics.watch_failed(update.kind.as_str());
                 if failing.insert(update.kind) {
                     warn!(
                         kind = update.kind.as_str(),
@@ -461,6 +500,7 @@ pub async fn follow(client: Client, node_name: Option<String>, tx: mpsc::Sender<
             continue;
         }
         let batch = Batch {
+            changed_at: changed.filter(|_| event.is_some()),
             events: event.into_iter().collect(),
             synced,
             ..Default::default()

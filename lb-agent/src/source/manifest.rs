@@ -30,7 +30,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -618,6 +618,14 @@ pub async fn follow(mut source: ManifestSource, poll_interval: Duration, tx: mps
                 Some(std::mem::take(&mut *changes.moved_in.lock().unwrap()))
             }
         };
+        // When a change was noticed (a notification, or the poll that found it): where its
+        // programming latency starts, give or take the settling delay.
+        let noticed = SystemTime::now()
+            - if moved_in.is_some() {
+                SETTLE
+            } else {
+                Duration::ZERO
+            };
         let started = Instant::now();
         let poll = match &moved_in {
             None => source.poll(),
@@ -636,6 +644,7 @@ pub async fn follow(mut source: ManifestSource, poll_interval: Duration, tx: mps
             continue;
         }
         let batch = Batch {
+            changed_at: (synced && !newly_synced && !poll.events.is_empty()).then_some(noticed),
             events: poll.events,
             synced,
             read: Some(read),

@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use crate::model::{Event, ObjectRef};
@@ -25,6 +25,11 @@ pub struct Batch {
     /// Set when this batch is a read of the manifests, with the time it took: every read is
     /// logged as a sync, even one that changes nothing.
     pub read: Option<Duration>,
+    /// When the change in `events` happened, as far as the source knows: an EndpointSlice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time` (when the EndpointSlice controller saw
+    /// the Pod or Service change), otherwise when the source saw it. Where the network
+    /// programming latency starts; `None` for (re-)lists.
+    pub changed_at: Option<SystemTime>,
 }
 
 /// Which manifest files define each object, in name order (the last one's version is in effect).

@@ -310,7 +310,7 @@ fn source_run(
 /// counts in `lb_drift_repairs_total`. Returns when the count was seen: a resync has just ended
 /// (and released the memory it used), and the next begins [`RESYNC`] after this one began.
 fn await_resync(tb: &mut Testbed) -> anyhow::Result<Instant> {
-    let repairs = tb.agent().metrics()?.count("lb_drift_repairs_total")?;
+    let repairs = tb.agent().metrics()?.sum("lb_drift_repairs_total")?;
     let mut maps = BpfMaps::open_pinned(tb.pin_dir())?;
     let (id, _) = *maps.snapshot()?.names.first().context("no name entries")?;
     maps.write(&Write::DeleteName(id))?;
@@ -318,7 +318,7 @@ fn await_resync(tb: &mut Testbed) -> anyhow::Result<Instant> {
     tb.agent().wait_metrics(
         "a periodic resync's repair",
         2 * RESYNC + Duration::from_secs(5),
-        |m| Ok(m.count("lb_drift_repairs_total")? > repairs),
+        |m| Ok(m.sum("lb_drift_repairs_total")? > repairs),
     )?;
     Ok(Instant::now())
 }
@@ -352,7 +352,7 @@ fn check_listed(tb: &Testbed, replaced: &Replaced) -> anyhow::Result<()> {
 /// Every one of `frontends` is programmed and none is failing.
 pub fn check_programmed(synced: &Metrics, frontends: usize) -> anyhow::Result<()> {
     let (programmed, failing) = (
-        synced.count("lb_frontends")?,
+        synced.sum("lb_frontends")?,
         synced.count("lb_frontends_failing")?,
     );
     ensure!(

@@ -42,6 +42,23 @@ impl Metrics {
         Ok(self.get(series)? as u64)
     }
 
+    /// The sum of every series of metric `name`, whatever their labels (a dashboard's
+    /// `sum(name)`); an error when there is none.
+    pub fn sum(&self, name: &str) -> anyhow::Result<u64> {
+        let values: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(series, _)| series.split('{').next() == Some(name))
+            .map(|(_, value)| *value)
+            .collect();
+        anyhow::ensure!(
+            !values.is_empty(),
+            "no {name} in /metrics: {:?}",
+            self.samples
+        );
+        Ok(values.iter().sum::<f64>() as u64)
+    }
+
     /// `lb_syncs_total`: syncs of the maps with the model so far.
     pub fn syncs(&self) -> anyhow::Result<u64> {
         self.count("lb_syncs_total")
@@ -102,7 +119,12 @@ mod tests {
         assert!((m.last_sync_ms("read").unwrap() - 2.5).abs() < 1e-9);
         assert!((m.last_sync_ms("apply").unwrap() - 40.0).abs() < 1e-9);
         assert_eq!(m.frontend_writes().unwrap(), [2, 1, 0]);
-        assert_eq!(m.count("lb_write_failures_total").unwrap(), 0);
+        assert_eq!(m.sum("lb_write_failures_total").unwrap(), 0);
+        assert_eq!(
+            m.sum("lb_frontends").unwrap(),
+            0,
+            "lb_frontends_failing is another metric"
+        );
         assert!(m.get("lb_no_such_metric").is_err());
     }
 

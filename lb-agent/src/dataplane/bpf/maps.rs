@@ -238,6 +238,30 @@ fn layout_differs(name: &str) -> String {
     format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
 }
 
+/// The counters for `/metrics`, from maps of their own (opened from the pins).
+impl crate::metrics::CounterSource for BpfMaps {
+    fn read(&self) -> anyhow::Result<Vec<crate::metrics::Reading>> {
+        let mut out = Vec::new();
+        for entry in self.counters.iter() {
+            let (id, per_cpu) = entry.with_context(|| format!("reading {COUNTERS_MAP}"))?;
+            let counters = per_cpu
+                .iter()
+                .fold(ServiceCounters::default(), |sum, cpu| sum.add(cpu));
+            let service = self
+                .names
+                .get(&id, 0)
+                .ok()
+                .map(|name| crate::model::ServicePortName {
+                    namespace: name.namespace().to_owned(),
+                    name: name.name().to_owned(),
+                    port: name.port_name().to_owned(),
+                });
+            out.push((id, counters, service));
+        }
+        Ok(out)
+    }
+}
+
 impl MapStore for BpfMaps {
     /// One write is a batch of one: the same map and key choice, and the same errors.
     fn write(&mut self, write: &Write) -> anyhow::Result<()> {
@@ -304,7 +328,7 @@ impl MapStore for BpfMaps {
 }
 
 fn full(map: &str) -> anyhow::Error {
-    anyhow::anyhow!("map {map} is full")
+    anyhow::anyhow!("map {map} {}", crate::dataplane::FailureKind::MAP_FULL)
 }
 
 /// Puts the entries `entry` makes of `writes` in one batch.
