@@ -363,7 +363,7 @@ fn rollout_restart(control_plane: &ControlPlane) -> anyhow::Result<()> {
 /// ready, and the agent takes it out of the backend set within 1 s of that slice change; once it
 /// is Ready again it comes back the same way.
 fn readiness(control_plane: &ControlPlane) -> anyhow::Result<()> {
-    let bed = bed(control_plane, "ready", &["a"])?;
+    let mut bed = bed(control_plane, "ready", &["a"])?;
     bed.apply(control_plane, &pod_server_app("web", 3, "Cluster"))?;
     let pods = bed
         .nodes
@@ -395,6 +395,21 @@ fn readiness(control_plane: &ControlPlane) -> anyhow::Result<()> {
             .collect();
         bed.wait_answered_by(web, &expected)?;
     }
+    // Both changes' programming latency, from the EndpointSlice controller's trigger time, is on
+    // /metrics as kube-proxy exports it.
+    let metrics = bed.tb.agent().metrics()?;
+    let (count, sum) = (
+        metrics.count("lb_network_programming_duration_seconds_count")?,
+        metrics.get("lb_network_programming_duration_seconds_sum")?,
+    );
+    ensure!(
+        count >= 2 && sum > 0.0 && sum / (count as f64) < 5.0,
+        "network programming latency: {count} changes, {sum} s in all"
+    );
+    eprintln!(
+        "lb_network_programming_duration_seconds: {count} changes, {:.0} ms on average",
+        sum * 1e3 / count as f64
+    );
     Ok(())
 }
 
