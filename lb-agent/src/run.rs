@@ -326,6 +326,8 @@ async fn reconcile<S: MapStore>(
                         terminator = attach().context(
                             "attaching the programs; the ones attached before keep translating",
                         )?;
+                        // Backends that left while no agent ran (the first sync's departures).
+                        end_sockets(terminator.as_mut(), &report);
                     }
                     health.set_ready();
                     // The sync's copy of every frontend goes first, so that compacting can

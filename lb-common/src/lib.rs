@@ -471,9 +471,8 @@ impl BackendMember {
 }
 
 /// Value of `LB_COUNTERS`, a per-CPU hash keyed by service id: what the programs did for one
-/// frontend (the sum over CPUs is the total). The agent creates a frontend's entry, at zero,
-/// before the service entry that makes the frontend reachable, and deletes it with the frontend;
-/// the programs only add to an entry that exists. `lb-agent list` shows the sums.
+/// frontend (the sum over CPUs is the total). A frontend's first count creates its entry; the
+/// agent deletes it with the frontend. `lb-agent list` and `/metrics` show the sums.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceCounters {

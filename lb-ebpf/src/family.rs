@@ -83,8 +83,9 @@ impl Counter {
     }
 }
 
-/// Adds one to a frontend's counter (this CPU's copy: programs of one CPU never run at once),
-/// creating the frontend's counters at its first count.
+/// Adds one to a frontend's counter (this CPU's copy, without an atomic: a program preempted on
+/// its CPU by another, on a preemptible kernel, may rarely lose a count, which per-CPU counters
+/// accept), creating the frontend's counters at its first count.
 #[inline(always)]
 pub fn count(service_id: u32, counter: Counter) {
     if let Some(counters) = LB_COUNTERS.get_ptr_mut(service_id) {

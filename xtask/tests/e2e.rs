@@ -186,6 +186,10 @@ fn main() {
             termination::ended_over_ipv6_and_ipv4_mapped,
         ),
         (
+            "a_draining_backend_keeps_its_sockets_until_it_stops_serving_then_they_are_ended",
+            termination::a_draining_backend_keeps_its_sockets_until_it_stops_serving,
+        ),
+        (
             "with_destroy_sockets_false_sockets_to_a_removed_backend_keep_talking_to_it",
             termination::kept_when_disabled,
         ),

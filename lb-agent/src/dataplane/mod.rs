@@ -256,6 +256,10 @@ impl ApplyReport {
 pub struct Dataplane<S> {
     store: S,
     programmed: Programmed,
+    /// Backends that left a frontend's set while still serving (a terminating Pod draining, one
+    /// topology leaves out): their sockets are ended once they stop serving. Kept in memory
+    /// only: after a restart, such a backend's sockets are left to it.
+    draining: BTreeMap<FrontendKey, BTreeSet<BackendAddr>>,
 }
 
 impl<S: MapStore> Dataplane<S> {
@@ -265,6 +269,7 @@ impl<S: MapStore> Dataplane<S> {
         let mut dataplane = Self {
             store,
             programmed: Programmed::new(),
+            draining: BTreeMap::new(),
         };
         dataplane.reload()?;
         Ok(dataplane)
@@ -335,20 +340,18 @@ impl<S: MapStore> Dataplane<S> {
                 ChangeKind::Updated => report.updated += 1,
                 ChangeKind::Removed => report.removed += 1,
             }
+            let draining = self.draining.remove(&change.frontend).unwrap_or_default();
             if let (Some(before), Some(after)) =
                 (self.programmed.get(&change.frontend), &change.after)
             {
-                let staying: BTreeSet<&BackendAddr> = after.slots.iter().flatten().collect();
-                let departed = before
-                    .slots
-                    .iter()
-                    .flatten()
-                    .filter(|b| !staying.contains(b));
-                report.departed.extend(departed.map(|backend| Departure {
-                    frontend: change.frontend,
-                    service_id: after.service_id,
-                    backend: *backend,
-                }));
+                let had = before.slots.iter().flatten().chain(&draining);
+                note_departures(
+                    &mut self.draining,
+                    (change.frontend, after),
+                    had,
+                    wanted,
+                    &mut report,
+                );
             }
             match change.after {
                 Some(after) if empty => fresh.push((change.frontend, after)),
@@ -362,6 +365,29 @@ impl<S: MapStore> Dataplane<S> {
         }
         if empty {
             self.programmed = fresh.into_iter().collect();
+        }
+        // Frontends left unchanged whose draining backends may have stopped serving.
+        if !self.draining.is_empty() {
+            let keys: Vec<FrontendKey> = self
+                .draining
+                .keys()
+                .filter(|k| wanted.contains_key(k))
+                .copied()
+                .collect();
+            for key in keys {
+                let Some(current) = self.programmed.get(&key).cloned() else {
+                    self.draining.remove(&key);
+                    continue;
+                };
+                let draining = self.draining.remove(&key).unwrap_or_default();
+                note_departures(
+                    &mut self.draining,
+                    (key, &current),
+                    draining.iter(),
+                    wanted,
+                    &mut report,
+                );
+            }
         }
         // A change that stopped half-way left the maps between two valid states; read back what
         // they hold so the next plan starts from the truth.
@@ -531,6 +557,37 @@ impl<S: MapStore> Dataplane<S> {
     }
 }
 
+/// Reports as departed the backends of `had` that are neither in `now`'s slots nor serving
+/// still (they left the set while serving, and stopped), and remembers those that drain.
+fn note_departures<'a>(
+    draining_now: &mut BTreeMap<FrontendKey, BTreeSet<BackendAddr>>,
+    (frontend, now): (FrontendKey, &ProgrammedFrontend),
+    had: impl Iterator<Item = &'a BackendAddr>,
+    wanted: &Wanted,
+    report: &mut ApplyReport,
+) {
+    let in_set: BTreeSet<&BackendAddr> = now.slots.iter().flatten().collect();
+    let serving = wanted.get(&frontend).map(|w| &w.still_serving);
+    let mut draining = BTreeSet::new();
+    for backend in had.collect::<BTreeSet<_>>() {
+        if in_set.contains(backend) {
+            continue;
+        }
+        if serving.is_some_and(|s| s.contains(backend)) {
+            draining.insert(*backend);
+        } else {
+            report.departed.push(Departure {
+                frontend,
+                service_id: now.service_id,
+                backend: *backend,
+            });
+        }
+    }
+    if !draining.is_empty() {
+        draining_now.insert(frontend, draining);
+    }
+}
+
 /// The writes that remove slots, members, names and counters no service entry of `programmed`
 /// reaches, then add the member entries missing for backends in a slot below a count; each with
 /// what it repairs.
@@ -652,23 +709,13 @@ fn wanted_frontend(
     state: &FrontendState,
 ) -> Result<WantedFrontend, (Frontend, String)> {
     // The model pairs a frontend only with backends of its family.
-    let backends: BTreeSet<BackendAddr> = state
-        .backends
-        .iter()
-        .filter_map(|b| match (b.address, frontend.address) {
-            (IpAddr::V4(a), IpAddr::V4(_)) => Some(BackendAddr::V4(Backend4 {
-                address: a.octets(),
-                port: b.port,
-                _pad: 0,
-            })),
-            (IpAddr::V6(a), IpAddr::V6(_)) => Some(BackendAddr::V6(Backend6 {
-                address: a.octets(),
-                port: b.port,
-                _pad: 0,
-            })),
-            _ => None,
-        })
-        .collect();
+    let addrs = |backends: &BTreeSet<Backend>| -> BTreeSet<BackendAddr> {
+        backends
+            .iter()
+            .filter_map(|b| backend_addr(b, frontend))
+            .collect()
+    };
+    let backends = addrs(&state.backends);
     if backends.len() > usize::from(MAX_BACKENDS_PER_SERVICE) {
         return Err((
             *frontend,
@@ -685,7 +732,25 @@ fn wanted_frontend(
         name: ServiceName::new(&service.namespace, &service.name, &service.port),
         affinity_timeout_s: state.affinity_timeout_s.unwrap_or(0),
         backends,
+        still_serving: addrs(&state.still_serving),
     })
+}
+
+/// `backend` as the backend maps hold it, when it is of `frontend`'s family.
+fn backend_addr(backend: &Backend, frontend: &Frontend) -> Option<BackendAddr> {
+    match (backend.address, frontend.address) {
+        (IpAddr::V4(a), IpAddr::V4(_)) => Some(BackendAddr::V4(Backend4 {
+            address: a.octets(),
+            port: backend.port,
+            _pad: 0,
+        })),
+        (IpAddr::V6(a), IpAddr::V6(_)) => Some(BackendAddr::V6(Backend6 {
+            address: a.octets(),
+            port: backend.port,
+            _pad: 0,
+        })),
+        _ => None,
+    }
 }
 
 /// A wanted state equal to what is programmed, so the plan leaves it alone.
@@ -694,6 +759,7 @@ fn keep(current: &ProgrammedFrontend) -> WantedFrontend {
         name: current.name,
         affinity_timeout_s: current.affinity_timeout_s,
         backends: current.slots.iter().flatten().copied().collect(),
+        still_serving: BTreeSet::new(),
     }
 }
 

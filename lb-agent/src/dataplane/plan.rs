@@ -102,6 +102,9 @@ pub struct WantedFrontend {
     /// Session affinity's timeout in seconds; 0: none.
     pub affinity_timeout_s: u32,
     pub backends: BTreeSet<BackendAddr>,
+    /// Listed as serving but not among `backends` (the model's `still_serving`): when one leaves
+    /// `backends`, its sockets are not ended.
+    pub still_serving: BTreeSet<BackendAddr>,
 }
 
 pub type Programmed = BTreeMap<FrontendKey, ProgrammedFrontend>;
@@ -493,6 +496,7 @@ mod tests {
                 name: name(),
                 affinity_timeout_s: 0,
                 backends: set(lasts),
+                still_serving: BTreeSet::new(),
             },
         )]
         .into()

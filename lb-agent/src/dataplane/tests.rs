@@ -266,6 +266,7 @@ fn desired(frontends: &[(u16, &[u8])]) -> DesiredState {
                             port: String::new(),
                         },
                         backends: lasts.iter().map(|&l| backend(l)).collect(),
+                        still_serving: BTreeSet::new(),
                         affinity_timeout_s: None,
                     },
                 )
@@ -368,6 +369,38 @@ fn backends_that_leave_a_frontend_that_stays_are_reported_as_departed() {
         [],
         "a removed frontend's sockets stay: its Pods still serve them"
     );
+}
+
+#[test]
+fn a_backend_that_leaves_while_serving_departs_only_when_it_stops_serving() {
+    // Port 80 with `lasts` in the set and `serving` still serving outside it.
+    let desired = |lasts: &[u8], serving: &[u8]| {
+        let mut d = desired(&[(80, lasts)]);
+        let state = d.frontends.get_mut(&frontend(80)).unwrap();
+        state.still_serving = serving.iter().map(|&l| backend(l)).collect();
+        d
+    };
+    let departed =
+        |r: &ApplyReport| -> Vec<BackendAddr> { r.departed.iter().map(|d| d.backend).collect() };
+    let mut dp = Dataplane::adopt(MemStore::default()).unwrap();
+    dp.apply(&desired(&[1, 2, 3], &[]));
+    // 1 terminates and drains; 3 is not ready any more.
+    let r = dp.apply(&desired(&[2], &[1]));
+    assert_eq!(
+        departed(&r),
+        [backend4(3)],
+        "only the one that stopped serving"
+    );
+    // Nothing changes in the maps, but 1 has stopped serving now: its sockets go.
+    let r = dp.apply(&desired(&[2], &[]));
+    assert_eq!((r.updated, departed(&r)), (0, vec![backend4(1)]));
+    let r = dp.apply(&desired(&[2], &[]));
+    assert_eq!(departed(&r), [], "departed once");
+    // A draining backend that comes back to the set has not departed, and does not later.
+    dp.apply(&desired(&[2, 5], &[]));
+    assert_eq!(departed(&dp.apply(&desired(&[2], &[5]))), []);
+    assert_eq!(departed(&dp.apply(&desired(&[2, 5], &[]))), []);
+    assert_eq!(departed(&dp.apply(&desired(&[2, 5], &[]))), []);
 }
 
 #[test]

@@ -67,46 +67,99 @@ const METRICS: [Metric; 5] = [
     ),
 ];
 
+/// One frontend's counters as last read.
+#[derive(Debug)]
+struct Seen {
+    service: Option<ServicePortName>,
+    counters: ServiceCounters,
+    /// What it had counted when it moved to `service` (its id given to another Service port
+    /// without its counters restarting): counted for the Service port it had then.
+    offset: ServiceCounters,
+}
+
 #[derive(Debug, Default)]
 struct Sums {
-    /// Each frontend's counters and Service port, as last read.
-    seen: BTreeMap<u32, (Option<ServicePortName>, ServiceCounters)>,
+    seen: BTreeMap<u32, Seen>,
     /// What frontends that are gone had counted.
     retired: ServiceCounters,
     retired_by_service: BTreeMap<ServicePortName, ServiceCounters>,
 }
 
+/// `a - b`, field by field (wrapping, as the counters).
+fn minus(a: &ServiceCounters, b: &ServiceCounters) -> ServiceCounters {
+    ServiceCounters {
+        connects: a.connects.wrapping_sub(b.connects),
+        refused: a.refused.wrapping_sub(b.refused),
+        datagrams: a.datagrams.wrapping_sub(b.datagrams),
+        affinity_hits: a.affinity_hits.wrapping_sub(b.affinity_hits),
+        sockets_destroyed: a.sockets_destroyed.wrapping_sub(b.sockets_destroyed),
+    }
+}
+
 impl Sums {
+    /// Keeps what `gone` counted in the sums.
+    fn retire(&mut self, gone: &Seen) {
+        self.retired = self.retired.add(&gone.counters);
+        self.credit(gone.service.as_ref(), &minus(&gone.counters, &gone.offset));
+    }
+
+    fn credit(&mut self, service: Option<&ServicePortName>, counted: &ServiceCounters) {
+        if let Some(service) = service {
+            let retired = self.retired_by_service.entry(service.clone()).or_default();
+            *retired = retired.add(counted);
+        }
+    }
+
     /// Takes a new reading; returns the totals and, per Service port, the sums.
     fn update(
         &mut self,
         now: Vec<Reading>,
     ) -> (ServiceCounters, BTreeMap<ServicePortName, ServiceCounters>) {
-        let now: BTreeMap<u32, (Option<ServicePortName>, ServiceCounters)> = now
-            .into_iter()
-            .map(|(id, counters, service)| (id, (service, counters)))
-            .collect();
-        for (id, (service, last)) in &self.seen {
-            // Gone, or its id now another frontend's (a new name, or counters that went down).
-            let same = now
-                .get(id)
-                .is_some_and(|(s, counters)| s == service && counters.covers(last));
-            if !same {
-                self.retired = self.retired.add(last);
-                if let Some(service) = service {
-                    let retired = self.retired_by_service.entry(service.clone()).or_default();
-                    *retired = retired.add(last);
+        let mut seen = BTreeMap::new();
+        for (id, counters, service) in now {
+            let seen_now = match self.seen.remove(&id) {
+                // The same counters, counting on. A name missing (read while the frontend is
+                // being removed) keeps the last one.
+                Some(last) if counters.covers(&last.counters) => {
+                    let service = service.or_else(|| last.service.clone());
+                    let offset = if service == last.service {
+                        last.offset
+                    } else {
+                        // Its id now serves another Service port: what it counted so far stays
+                        // with the one it had.
+                        self.credit(last.service.as_ref(), &minus(&last.counters, &last.offset));
+                        last.counters
+                    };
+                    Seen {
+                        service,
+                        counters,
+                        offset,
+                    }
                 }
-            }
+                // Counters that went down: the frontend went and its id came back anew.
+                last => {
+                    if let Some(last) = last {
+                        self.retire(&last);
+                    }
+                    Seen {
+                        service,
+                        counters,
+                        offset: ServiceCounters::default(),
+                    }
+                }
+            };
+            seen.insert(id, seen_now);
         }
-        self.seen = now;
+        for gone in std::mem::replace(&mut self.seen, seen).into_values() {
+            self.retire(&gone);
+        }
         let mut total = self.retired;
         let mut by_service: BTreeMap<ServicePortName, ServiceCounters> = BTreeMap::new();
-        for (service, counters) in self.seen.values() {
-            total = total.add(counters);
-            if let Some(service) = service {
+        for frontend in self.seen.values() {
+            total = total.add(&frontend.counters);
+            if let Some(service) = &frontend.service {
                 let sum = by_service.entry(service.clone()).or_default();
-                *sum = sum.add(counters);
+                *sum = sum.add(&minus(&frontend.counters, &frontend.offset));
             }
         }
         // A Service port with no frontend left ends its series (and what it had retired).
@@ -156,7 +209,7 @@ impl ProgramCounters {
                 let sums = self.sums.lock().unwrap_or_else(PoisonError::into_inner);
                 sums.seen
                     .iter()
-                    .map(|(id, (service, counters))| (*id, *counters, service.clone()))
+                    .map(|(id, seen)| (*id, seen.counters, seen.service.clone()))
                     .collect()
             }
         };
@@ -230,6 +283,30 @@ mod tests {
         assert_eq!(total.connects, 10, "6 + 3 gone, 1 new");
         assert!(!by.contains_key(&web("http").unwrap()), "its series ended");
         assert_eq!(by[&web("admin").unwrap()].connects, 1);
+    }
+
+    #[test]
+    fn a_frontend_whose_counters_go_on_under_another_name_is_counted_once() {
+        let mut sums = Sums::default();
+        sums.update(vec![
+            (1, connects(5), web("http")),
+            (2, connects(1), web("admin")),
+        ]);
+        // Read while its name is being deleted: still http's.
+        let (total, by) = sums.update(vec![(1, connects(6), None), (2, connects(1), web("admin"))]);
+        assert_eq!((total.connects, by[&web("http").unwrap()].connects), (7, 6));
+        // The frontend now belongs to admin (another Service took the ClusterIP over), and its
+        // counters go on: 6 stay http's, what comes after is admin's.
+        let (total, by) = sums.update(vec![
+            (1, connects(9), web("admin")),
+            (2, connects(1), web("admin")),
+        ]);
+        assert_eq!(total.connects, 10, "counted once");
+        assert_eq!(by[&web("admin").unwrap()].connects, 3 + 1);
+        assert!(
+            !by.contains_key(&web("http").unwrap()),
+            "http has no frontend left"
+        );
     }
 
     struct Fixed(Vec<Reading>);

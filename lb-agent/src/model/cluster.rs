@@ -500,13 +500,14 @@ impl Cluster {
                 port: port.name.clone(),
             };
             for &frontend in &port.frontends {
-                let backends =
+                let (backends, still_serving) =
                     endpoints.backends_for(port, frontend.address, service.policy, &self.node);
                 frontends.push((
                     frontend,
                     FrontendState {
                         service: name.clone(),
                         backends,
+                        still_serving,
                         affinity_timeout_s: service.affinity_timeout_s,
                     },
                 ));
@@ -601,6 +602,30 @@ mod tests {
         c.upsert_service(svc("b", "10.96.0.2"));
         c.upsert_slice(slice("a-1", "a", &["10.0.0.1", "10.0.0.2"]));
         assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn endpoints_serving_outside_the_set_are_listed_as_still_serving() {
+        let mut c = Cluster::new(NodeContext::default());
+        c.upsert_service(svc("a", "10.96.0.1"));
+        let slice: EndpointSlice = yaml_serde::from_str(
+            "metadata: {name: a-1, namespace: ns, labels: {kubernetes.io/service-name: a}}\n\
+             addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+             - {addresses: [10.0.0.1]}\n\
+             - {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.0.0.3], conditions: {ready: false, serving: false}}",
+        )
+        .unwrap();
+        c.upsert_slice(SliceInput::parse(&slice).unwrap());
+        c.sync();
+        let state = c.state();
+        let state = state.frontends.values().next().unwrap();
+        let addresses = |set: &BTreeSet<crate::model::Backend>| -> Vec<String> {
+            set.iter().map(|b| b.address.to_string()).collect()
+        };
+        assert_eq!(addresses(&state.backends), ["10.0.0.1"]);
+        // The terminating one drains; the one that is not serving is gone for good.
+        assert_eq!(addresses(&state.still_serving), ["10.0.0.2"]);
     }
 
     #[test]

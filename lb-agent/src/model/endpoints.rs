@@ -122,13 +122,15 @@ impl<'a> ServiceEndpoints<'a> {
     /// The backends for one frontend of `port`: endpoints of the frontend's IP family, at the
     /// target port their slice gives for the Service port's name and protocol, chosen by
     /// [`topology::select`].
+    /// The backends of `port` for connects to `frontend`, and the endpoints listed as serving
+    /// that are not among them (see [`FrontendState::still_serving`](super::FrontendState)).
     pub(super) fn backends_for(
         &self,
         port: &PortFrontends,
         frontend: IpAddr,
         policy: Policy,
         node: &NodeContext,
-    ) -> BTreeSet<Backend> {
+    ) -> (BTreeSet<Backend>, BTreeSet<Backend>) {
         // An address listed by several slices (a Pod moving between slices, or a new Pod that
         // reuses a terminating Pod's IP) counts once: the listing on this node wins, then one
         // that is not terminating, then the first in slice-name order (kube-proxy's
@@ -172,7 +174,13 @@ impl<'a> ServiceEndpoints<'a> {
                 _ => unique.push(candidate),
             }
         }
-        topology::select(&unique, policy, node)
+        let backends = topology::select(&unique, policy, node);
+        let still_serving = unique
+            .iter()
+            .filter(|c| (c.ready || c.serving) && !backends.contains(&c.backend))
+            .map(|c| c.backend)
+            .collect();
+        (backends, still_serving)
     }
 }
 

@@ -167,6 +167,11 @@ impl fmt::Display for ServicePortName {
 pub struct FrontendState {
     pub service: ServicePortName,
     pub backends: BTreeSet<Backend>,
+    /// Endpoints a slice lists as serving this port that are not among `backends`: terminating
+    /// Pods draining their connections, or endpoints topology or `internalTrafficPolicy` leaves
+    /// out. New connects do not go to them, but the sockets already connected to them are theirs
+    /// to finish: they are not ended.
+    pub still_serving: BTreeSet<Backend>,
     /// `sessionAffinity: ClientIP`: how long a client keeps its backend after its last connect,
     /// in seconds (`sessionAffinityConfig.clientIP.timeoutSeconds`).
     pub affinity_timeout_s: Option<u32>,

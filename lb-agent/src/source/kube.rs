@@ -430,20 +430,25 @@ impl KubeFeed {
     }
 }
 
-/// When the change an event carries happened: a slice's trigger time, else now; `None` for the
-/// events of a (re-)list, which carry no change of their own.
-fn changed_at(change: &Change) -> Option<SystemTime> {
+/// When the change an event carries happened: an updated slice's trigger time (unless it is
+/// from before `since`, the source's start: kube-proxy ignores those too), else now; `None` for
+/// the events of a (re-)list, which carry no change of their own. A deleted slice's trigger time
+/// is that of its last update, not of the deletion.
+fn changed_at(change: &Change, since: SystemTime) -> Option<SystemTime> {
     fn is_change<K>(event: &watcher::Event<K>) -> bool {
         matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_))
     }
+    let now = SystemTime::now();
     let trigger = match change {
         Change::EndpointSlices(event) => match &**event {
-            watcher::Event::Apply(slice) | watcher::Event::Delete(slice) => slice
+            watcher::Event::Apply(slice) => slice
                 .meta()
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-                .and_then(|t| humantime::parse_rfc3339_weak(t).ok()),
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .filter(|t| *t >= since),
+            watcher::Event::Delete(_) => None,
             _ => return None,
         },
         Change::Services(event) if is_change(event) => None,
@@ -451,7 +456,7 @@ fn changed_at(change: &Change) -> Option<SystemTime> {
         _ => return None,
     };
     // A trigger time ahead of this node's clock would make a negative latency.
-    Some(trigger.map_or_else(SystemTime::now, |t| t.min(SystemTime::now())))
+    Some(trigger.map_or(now, |t| t.min(now)))
 }
 
 /// Follows the watches and sends their events, until the receiver is gone or the watches end.
@@ -463,12 +468,17 @@ pub async fn follow(
     tx: mpsc::Sender<Batch>,
     metrics: Arc<Metrics>,
 ) {
+    let started = SystemTime::now();
     let mut updates = watch(client, node_name.as_deref());
     let mut feed = KubeFeed::new(node_name.is_some());
     let mut failing = BTreeSet::new();
     let mut synced = false;
     while let Some(update) = updates.next().await {
-        let changed = update.change.as_ref().ok().and_then(changed_at);
+        let changed = update
+            .change
+            .as_ref()
+            .ok()
+            .and_then(|c| changed_at(c, started));
         let event = match update.change {
             Ok(change) => {
                 if failing.remove(&update.kind) {

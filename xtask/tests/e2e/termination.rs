@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use xtask::{
-    manifests::{self, Port},
+    manifests::{self, Endpoint, Port},
     testbed::{
         PodSpec, Testbed,
         probe::{Attempt, Running, now_us, v4_mapped},
@@ -282,6 +282,78 @@ pub fn ended_over_ipv6_and_ipv4_mapped() -> anyhow::Result<()> {
         let (error, after_ms) = moved_off(&client.stop()?, written_at, &pod, &who)?;
         eprintln!("{pod} removed: {who} got {error} and was answered again {after_ms} ms after");
     }
+    Ok(())
+}
+
+/// A backend that terminates gracefully (not ready, still serving, terminating: its Pod is
+/// shutting down and drains) gets no new connects, but keeps the ones it has; once its endpoint
+/// is gone, they are ended.
+pub fn a_draining_backend_keeps_its_sockets_until_it_stops_serving() -> anyhow::Result<()> {
+    let pods = pods();
+    let mut tb = testbed(&pods)?;
+    tb.write_manifest("held.yaml", &manifest(&pods))?;
+    tb.start_agent()?;
+    let (client, pod) = hold(&tb, tcp(), false)?;
+    let (draining, other) = if pods[0].name == pod {
+        (&pods[0], &pods[1])
+    } else {
+        (&pods[1], &pods[0])
+    };
+    // The pod turns terminating but still serves: a slice of its own says so.
+    let terminating = Endpoint {
+        ready: Some(false),
+        serving: Some(true),
+        terminating: Some(true),
+        ..Endpoint::ready(draining.ip, &draining.name)
+    };
+    let slices = |draining: Option<Endpoint>| {
+        let ports = [Port::tcp("line", 80, "line"), Port::udp("dns", 53, "dns")];
+        let slice_ports = [("line", LINE_PORT, "TCP"), ("dns", UDP_POD_PORT, "UDP")];
+        let mut endpoints = vec![Endpoint::ready(other.ip, &other.name)];
+        endpoints.extend(draining);
+        manifests::documents(&[
+            manifests::service("demo", "held", HELD_IP, &ports),
+            manifests::endpoint_slice("demo", "held-1", "held", &slice_ports, &endpoints),
+        ])
+    };
+    let syncs = tb.agent().metrics()?.syncs()?;
+    let drain_at = tb.write_manifest_timed("held.yaml", &slices(Some(terminating)))?;
+    tb.agent().wait_synced(syncs, Duration::from_secs(5))?;
+    // New connects go to the other pod only.
+    let fresh = tb.probe(&{
+        let mut args = tb.probe_args(tcp(), 5);
+        args.hold = true;
+        args.count = 1;
+        args
+    })?;
+    ensure!(
+        fresh
+            .iter()
+            .all(|a| a.answer.as_deref() == Some(other.name.as_str())),
+        "a new connect while {} drains: {fresh:?}",
+        draining.name
+    );
+    sleep_until(drain_at + WATCH.as_micros() as u64);
+    let syncs = tb.agent().metrics()?.syncs()?;
+    let gone_at = tb.write_manifest_timed("held.yaml", &slices(None))?;
+    tb.agent().wait_synced(syncs, Duration::from_secs(5))?;
+    sleep_until(gone_at + WATCH.as_micros() as u64);
+    let attempts = client.stop()?;
+    let (drained, after): (Vec<Attempt>, Vec<Attempt>) =
+        attempts.into_iter().partition(|a| a.at_us < gone_at);
+    undisturbed(
+        &drained,
+        &draining.name,
+        "the held client while its backend drained",
+    )?;
+    let (error, after_ms) = moved_off(&after, gone_at, &draining.name, "the held client")?;
+    eprintln!(
+        "{} drained for {} exchanges without an error; once its endpoint went, the client got \
+         {error} and {} answered it {after_ms} ms after",
+        draining.name,
+        drained.iter().filter(|a| a.at_us >= drain_at).count(),
+        other.name
+    );
     Ok(())
 }
 

@@ -182,11 +182,15 @@ pub fn load(
         .map(|name| (*name, pin(name)))
         .collect();
     let level = log_level as u8;
-    let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-    let sock_destroy = btf.id_by_type_name_kind(SOCK_DESTROY, BtfKind::Func).ok();
+    // Without the kernel's BTF (no /sys/kernel/btf/vmlinux) everything but the socket iterators
+    // still works.
+    let btf = Btf::from_sys_fs().ok();
+    let sock_destroy = btf
+        .as_ref()
+        .and_then(|btf| btf.id_by_type_name_kind(SOCK_DESTROY, BtfKind::Func).ok());
     let (object, _) = kfunc::patch_calls(EBPF_OBJECT, SOCK_DESTROY, sock_destroy)?;
     let mut loader = EbpfLoader::new();
-    loader.btf(Some(&btf));
+    loader.btf(btf.as_ref());
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -216,7 +220,8 @@ pub fn load(
             .load()
             .with_context(|| format!("loading {} into the kernel", program.name))?;
     }
-    let ending = end_sockets && load_iterators(&mut ebpf, &btf, sock_destroy.is_some());
+    let ending =
+        end_sockets && load_iterators(&mut ebpf, btf.as_ref().filter(|_| sock_destroy.is_some()));
     let maps = BpfMaps::take(&mut ebpf)?;
     Ok(Loaded {
         maps,
@@ -232,15 +237,16 @@ pub fn load(
     })
 }
 
-/// Loads the socket iterators, or says once why sockets to removed backends stay connected.
-fn load_iterators(ebpf: &mut Ebpf, btf: &Btf, has_sock_destroy: bool) -> bool {
-    if !has_sock_destroy {
+/// Loads the socket iterators (given the kernel's BTF, when it has `bpf_sock_destroy`), or says
+/// once why sockets to removed backends stay connected.
+fn load_iterators(ebpf: &mut Ebpf, btf: Option<&Btf>) -> bool {
+    let Some(btf) = btf else {
         warn!(
             "this kernel has no bpf_sock_destroy (Linux >= 6.5): sockets connected to a backend \
              that leaves a Service stay connected until the application closes them"
         );
         return false;
-    }
+    };
     let loaded = ITERATORS.iter().try_for_each(|(name, kind)| {
         let program: &mut Iter = ebpf
             .program_mut(name)

@@ -14,11 +14,12 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, IterableMap as _, MapData},
+    maps::{HashMap, IterableMap as _, MapData, MapError},
     programs::Iter,
 };
 use lb_common::{MAX_TERMINATIONS, ServiceAddr4, ServiceAddr6, Terminate4Key, Terminate6Key};
 use nix::sched::{CloneFlags, setns};
+use tracing::warn;
 
 use super::batch;
 use crate::dataplane::{
@@ -74,59 +75,99 @@ impl Terminator {
         }
         let namespaces = namespaces(&self.cgroup)?;
         ended.namespaces = namespaces.len();
+        if namespaces.is_empty() {
+            warn!(
+                cgroup = %self.cgroup.display(),
+                "no process of the cgroup was found (a Pod without hostPID sees only its own): \
+                 the sockets to the backends that left are not ended"
+            );
+            return Ok(ended);
+        }
         for round in departures.chunks(MAX_TERMINATIONS as usize) {
+            // The maps hold exactly this round's departures while the iterators run: anything
+            // an earlier, failed round left would end sockets by mistake.
+            self.clear()?;
             let (v4, v6) = keys(round);
-            batch::update(self.v4.map(), &v4.keys, &v4.ids)
+            let written = batch::update(self.v4.map(), &v4.keys, &v4.ids)
+                .and_then(|()| batch::update(self.v6.map(), &v6.keys, &v6.ids))
                 .map_err(|s| s.error)
-                .context("writing LB4_TERMINATE")?;
-            batch::update(self.v6.map(), &v6.keys, &v6.ids)
-                .map_err(|s| s.error)
-                .context("writing LB6_TERMINATE")?;
-            let run = self.run_iterators(&namespaces);
-            // Emptied whatever the run did, so that a later run ends nothing by mistake.
-            let emptied = batch::delete(self.v4.map(), &v4.keys)
-                .and_then(|()| batch::delete(self.v6.map(), &v6.keys));
+                .context("writing the terminate maps");
+            let run = written.map(|()| self.run_iterators(&namespaces));
+            let cleared = self.clear();
             ended.sockets += run?;
-            emptied
-                .map_err(|s| s.error)
-                .context("emptying the terminate maps")?;
+            cleared?;
         }
         Ok(ended)
     }
 
-    /// Runs both iterators in each namespace; how many sockets they ended.
-    fn run_iterators(&mut self, namespaces: &[File]) -> anyhow::Result<usize> {
+    /// Empties both terminate maps.
+    fn clear(&mut self) -> anyhow::Result<()> {
+        let v4: Vec<Terminate4Key> = self.v4.keys().collect::<Result<_, _>>()?;
+        for key in v4 {
+            removed(self.v4.remove(&key))?;
+        }
+        let v6: Vec<Terminate6Key> = self.v6.keys().collect::<Result<_, _>>()?;
+        for key in v6 {
+            removed(self.v6.remove(&key))?;
+        }
+        Ok(())
+    }
+
+    /// Runs both iterators in each namespace; how many sockets they ended. A namespace where
+    /// they cannot run is logged, and the others go on.
+    fn run_iterators(&mut self, namespaces: &[File]) -> usize {
         let mut ended = 0;
         for (name, _) in ITERATORS {
-            let program: &mut Iter = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("the eBPF object has no program {name}"))?
-                .try_into()?;
             for namespace in namespaces {
-                let link = program.attach()?;
-                let link = program.take_link(link)?;
-                // A thread of its own enters the namespace: the iterator walks the sockets of the
-                // namespace of the thread that opens it.
-                ended += std::thread::scope(|scope| {
-                    scope
-                        .spawn(move || -> anyhow::Result<usize> {
-                            setns(namespace, CloneFlags::CLONE_NEWNET)
-                                .context("entering a network namespace of the cgroup")?;
-                            let mut output = Vec::new();
-                            link.into_file()
-                                .with_context(|| format!("opening iterator {name}"))?
-                                .read_to_end(&mut output)
-                                .with_context(|| format!("running iterator {name}"))?;
-                            // One socket cookie per socket ended.
-                            Ok(output.len() / 8)
-                        })
-                        .join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("iterator thread panicked")))
-                })?;
+                match self.run_iterator(name, namespace) {
+                    Ok(n) => ended += n,
+                    Err(e) => {
+                        warn!("ending sockets with {name} in a namespace of the cgroup: {e:#}")
+                    }
+                }
             }
         }
-        Ok(ended)
+        ended
+    }
+
+    /// Runs iterator `name` in `namespace`; how many sockets it ended.
+    fn run_iterator(&mut self, name: &str, namespace: &File) -> anyhow::Result<usize> {
+        let program: &mut Iter = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no program {name}"))?
+            .try_into()?;
+        let link = program.attach()?;
+        let link = program.take_link(link)?;
+        // A thread of its own enters the namespace: the iterator walks the sockets of the
+        // namespace of the thread that opens it.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> anyhow::Result<usize> {
+                    setns(namespace, CloneFlags::CLONE_NEWNET)
+                        .context("entering a network namespace of the cgroup")?;
+                    let mut output = Vec::new();
+                    link.into_file()
+                        .with_context(|| format!("opening iterator {name}"))?
+                        .read_to_end(&mut output)
+                        .with_context(|| format!("running iterator {name}"))?;
+                    // One socket cookie per socket ended.
+                    Ok(output.len() / 8)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("iterator thread panicked")))
+        })
+    }
+}
+
+/// A removal's result, where a key already gone is fine.
+fn removed(result: Result<(), MapError>) -> anyhow::Result<()> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("emptying the terminate maps")),
     }
 }
 
