@@ -127,6 +127,36 @@ fn rbac_grants_every_watch_the_agent_makes() {
             );
         }
     }
+    // And nothing else: no other resource or verb, no wildcard, no URL.
+    for rule in role["rules"].as_sequence().unwrap() {
+        let list = |field: &str| -> Vec<&str> {
+            rule[field]
+                .as_sequence()
+                .map(|s| s.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default()
+        };
+        assert!(
+            rule["nonResourceURLs"].is_null() && rule["resourceNames"].is_null(),
+            "{rule:?}"
+        );
+        for group in list("apiGroups") {
+            for resource in list("resources") {
+                assert!(
+                    matches!(
+                        (group, resource),
+                        ("", "services" | "nodes") | ("discovery.k8s.io", "endpointslices")
+                    ),
+                    "the ClusterRole grants {resource} in {group:?}"
+                );
+            }
+        }
+        for verb in list("verbs") {
+            assert!(
+                matches!(verb, "get" | "list" | "watch"),
+                "the ClusterRole grants {verb}"
+            );
+        }
+    }
     let binding = kind(&docs, "ClusterRoleBinding");
     let account = kind(&docs, "ServiceAccount");
     assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);

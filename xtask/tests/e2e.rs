@@ -57,6 +57,8 @@ mod counters;
 mod dns;
 #[path = "e2e/metrics.rs"]
 mod metrics;
+#[path = "e2e/security.rs"]
+mod security;
 #[path = "e2e/sockets.rs"]
 mod sockets;
 #[path = "e2e/termination.rs"]
@@ -196,6 +198,10 @@ fn main() {
         (
             "metrics_show_what_the_maps_hold_how_long_a_change_took_and_each_repair",
             metrics::scraped,
+        ),
+        (
+            "pins_are_root_s_alone_and_the_agent_listens_on_its_health_address_only",
+            security::pins_private_and_one_listening_socket,
         ),
         (
             "upgrade_from_an_agent_before_versioned_layouts_fails_no_connect",
