@@ -385,6 +385,14 @@ mod tests {
             .collect()
     }
 
+    /// `text` has the sample line `sample`.
+    fn assert_sample(text: &str, sample: &str) {
+        assert!(
+            text.lines().any(|l| l == sample),
+            "no {sample:?} in\n{text}"
+        );
+    }
+
     #[test]
     fn every_series_is_exported_from_the_start_under_its_conventional_name() {
         let text = Metrics::new().encode();
@@ -414,10 +422,7 @@ mod tests {
             "lb_drift_repairs_total{what=\"missing_entry\"} 0",
             "lb_watch_failures_total{resource=\"EndpointSlices\"} 0",
         ] {
-            assert!(
-                text.lines().any(|l| l == sample),
-                "no {sample:?} in\n{text}"
-            );
+            assert_sample(&text, sample);
         }
         assert!(text.contains("# TYPE lb_syncs_total counter\n"), "{text}");
         assert!(text.contains("# TYPE lb_frontends gauge\n"), "{text}");
@@ -489,10 +494,7 @@ mod tests {
             "lb_write_failures_total{reason=\"too_many_backends\"} 1",
             "lb_write_failures_total{reason=\"error\"} 0",
         ] {
-            assert!(
-                text.lines().any(|l| l == sample),
-                "no {sample:?} in\n{text}"
-            );
+            assert_sample(&text, sample);
         }
     }
 
@@ -521,10 +523,7 @@ mod tests {
             "lb_drift_repairs_total{what=\"frontend\"} 0",
             "lb_watch_failures_total{resource=\"Services\"} 1",
         ] {
-            assert!(
-                text.lines().any(|l| l == sample),
-                "no {sample:?} in\n{text}"
-            );
+            assert_sample(&text, sample);
         }
     }
 }

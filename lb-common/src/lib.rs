@@ -500,6 +500,17 @@ impl ServiceCounters {
         }
     }
 
+    /// `self - other`, field by field (wrapping, as [`add`](Self::add)).
+    pub fn minus(&self, other: &Self) -> Self {
+        Self {
+            connects: self.connects.wrapping_sub(other.connects),
+            refused: self.refused.wrapping_sub(other.refused),
+            datagrams: self.datagrams.wrapping_sub(other.datagrams),
+            affinity_hits: self.affinity_hits.wrapping_sub(other.affinity_hits),
+            sockets_destroyed: self.sockets_destroyed.wrapping_sub(other.sockets_destroyed),
+        }
+    }
+
     /// Whether every counter of `self` is at least `other`'s: `self` may be a later reading of
     /// the same counters.
     pub fn covers(&self, other: &Self) -> bool {

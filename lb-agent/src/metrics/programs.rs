@@ -85,22 +85,11 @@ struct Sums {
     retired_by_service: BTreeMap<ServicePortName, ServiceCounters>,
 }
 
-/// `a - b`, field by field (wrapping, as the counters).
-fn minus(a: &ServiceCounters, b: &ServiceCounters) -> ServiceCounters {
-    ServiceCounters {
-        connects: a.connects.wrapping_sub(b.connects),
-        refused: a.refused.wrapping_sub(b.refused),
-        datagrams: a.datagrams.wrapping_sub(b.datagrams),
-        affinity_hits: a.affinity_hits.wrapping_sub(b.affinity_hits),
-        sockets_destroyed: a.sockets_destroyed.wrapping_sub(b.sockets_destroyed),
-    }
-}
-
 impl Sums {
     /// Keeps what `gone` counted in the sums.
     fn retire(&mut self, gone: &Seen) {
         self.retired = self.retired.add(&gone.counters);
-        self.credit(gone.service.as_ref(), &minus(&gone.counters, &gone.offset));
+        self.credit(gone.service.as_ref(), &gone.counters.minus(&gone.offset));
     }
 
     fn credit(&mut self, service: Option<&ServicePortName>, counted: &ServiceCounters) {
@@ -127,7 +116,7 @@ impl Sums {
                     } else {
                         // Its id now serves another Service port: what it counted so far stays
                         // with the one it had.
-                        self.credit(last.service.as_ref(), &minus(&last.counters, &last.offset));
+                        self.credit(last.service.as_ref(), &last.counters.minus(&last.offset));
                         last.counters
                     };
                     Seen {
@@ -159,7 +148,7 @@ impl Sums {
             total = total.add(&frontend.counters);
             if let Some(service) = &frontend.service {
                 let sum = by_service.entry(service.clone()).or_default();
-                *sum = sum.add(&minus(&frontend.counters, &frontend.offset));
+                *sum = sum.add(&frontend.counters.minus(&frontend.offset));
             }
         }
         // A Service port with no frontend left ends its series (and what it had retired).

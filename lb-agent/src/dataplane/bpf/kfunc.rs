@@ -26,9 +26,33 @@ pub fn patch_calls(
     kfunc: &str,
     btf_id: Option<u32>,
 ) -> anyhow::Result<(Vec<u8>, usize)> {
-    let object = object::File::parse(elf).context("reading the eBPF object")?;
+    let sites = call_sites(elf, kfunc)?;
     let mut out = elf.to_vec();
-    let mut patched = 0;
+    for &at in &sites {
+        let Some(insn) = out.get_mut(at..at + 8) else {
+            bail!("a relocation for {kfunc} points past the end of the eBPF object");
+        };
+        ensure!(
+            insn[0] == CALL && insn[1] >> 4 == PSEUDO_CALL,
+            "the relocation for {kfunc} at {at:#x} is not on a call: {insn:02x?}"
+        );
+        let (code, regs, imm) = match btf_id {
+            Some(id) => (CALL, PSEUDO_KFUNC_CALL << 4, id.cast_signed()),
+            None => (MOV_R0, 0, -libc::EOPNOTSUPP),
+        };
+        insn[0] = code;
+        insn[1] = regs;
+        insn[2..4].copy_from_slice(&0u16.to_le_bytes()); // offset 0: vmlinux's BTF
+        insn[4..8].copy_from_slice(&imm.to_le_bytes());
+    }
+    Ok((out, sites.len()))
+}
+
+/// Where in `elf` (file offsets) the relocations against the undefined symbol `kfunc` point:
+/// its call instructions.
+fn call_sites(elf: &[u8], kfunc: &str) -> anyhow::Result<Vec<usize>> {
+    let object = object::File::parse(elf).context("reading the eBPF object")?;
+    let mut sites = Vec::new();
     for section in object.sections() {
         let Some((start, _)) = section.file_range() else {
             continue;
@@ -38,29 +62,12 @@ pub fn patch_calls(
                 continue;
             };
             let symbol = object.symbol_by_index(index)?;
-            if symbol.name()? != kfunc || !symbol.is_undefined() {
-                continue;
+            if symbol.name()? == kfunc && symbol.is_undefined() {
+                sites.push(usize::try_from(start + offset)?);
             }
-            let at = usize::try_from(start + offset)?;
-            let Some(insn) = out.get_mut(at..at + 8) else {
-                bail!("a relocation for {kfunc} points past the end of the eBPF object");
-            };
-            ensure!(
-                insn[0] == CALL && insn[1] >> 4 == PSEUDO_CALL,
-                "the relocation for {kfunc} at {at:#x} is not on a call: {insn:02x?}"
-            );
-            let (code, regs, imm) = match btf_id {
-                Some(id) => (CALL, PSEUDO_KFUNC_CALL << 4, id.cast_signed()),
-                None => (MOV_R0, 0, -libc::EOPNOTSUPP),
-            };
-            insn[0] = code;
-            insn[1] = regs;
-            insn[2..4].copy_from_slice(&0u16.to_le_bytes()); // offset 0: vmlinux's BTF
-            insn[4..8].copy_from_slice(&imm.to_le_bytes());
-            patched += 1;
         }
     }
-    Ok((out, patched))
+    Ok(sites)
 }
 
 #[cfg(test)]
@@ -70,23 +77,11 @@ mod tests {
 
     /// The instructions at the relocations for `kfunc` in `elf`.
     fn calls(elf: &[u8], kfunc: &str) -> Vec<[u8; 8]> {
-        let object = object::File::parse(elf).unwrap();
-        let mut out = Vec::new();
-        for section in object.sections() {
-            let Some((start, _)) = section.file_range() else {
-                continue;
-            };
-            for (offset, relocation) in section.relocations() {
-                let RelocationTarget::Symbol(index) = relocation.target() else {
-                    continue;
-                };
-                if object.symbol_by_index(index).unwrap().name().unwrap() == kfunc {
-                    let at = (start + offset) as usize;
-                    out.push(elf[at..at + 8].try_into().unwrap());
-                }
-            }
-        }
-        out
+        call_sites(elf, kfunc)
+            .unwrap()
+            .into_iter()
+            .map(|at| elf[at..at + 8].try_into().unwrap())
+            .collect()
     }
 
     #[test]

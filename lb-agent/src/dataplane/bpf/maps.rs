@@ -5,7 +5,7 @@ use std::{io::ErrorKind, path::Path};
 use anyhow::Context as _;
 use aya::{
     Ebpf, Pod,
-    maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuHashMap},
+    maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
 };
 use lb_common::{
     Backend4, Backend6, BackendMember, BackendMember4Key, BackendMember6Key, BackendSlotKey,
@@ -104,9 +104,7 @@ impl BpfMaps {
     /// first translate (or refuse) for it, which creates them.
     pub fn counters(&self, service_id: u32) -> anyhow::Result<ServiceCounters> {
         match self.counters.get(&service_id, 0) {
-            Ok(per_cpu) => Ok(per_cpu
-                .iter()
-                .fold(ServiceCounters::default(), |sum, cpu| sum.add(cpu))),
+            Ok(per_cpu) => Ok(total(&per_cpu)),
             Err(MapError::KeyNotFound) => Ok(ServiceCounters::default()),
             Err(e) => Err(anyhow::Error::new(e).context(format!("reading {COUNTERS_MAP}"))),
         }
@@ -234,6 +232,13 @@ fn typed<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashM
     HashMap::try_from(map).with_context(|| layout_differs(name))
 }
 
+/// A frontend's counters, summed over the CPUs.
+fn total(per_cpu: &PerCpuValues<ServiceCounters>) -> ServiceCounters {
+    per_cpu
+        .iter()
+        .fold(ServiceCounters::default(), |sum, cpu| sum.add(cpu))
+}
+
 fn layout_differs(name: &str) -> String {
     format!("map {name} does not have the layout this agent expects; run `lb-agent reset`")
 }
@@ -244,9 +249,7 @@ impl crate::metrics::CounterSource for BpfMaps {
         let mut out = Vec::new();
         for entry in self.counters.iter() {
             let (id, per_cpu) = entry.with_context(|| format!("reading {COUNTERS_MAP}"))?;
-            let counters = per_cpu
-                .iter()
-                .fold(ServiceCounters::default(), |sum, cpu| sum.add(cpu));
+            let counters = total(&per_cpu);
             let service = self
                 .names
                 .get(&id, 0)
